@@ -1,0 +1,62 @@
+//! `POST /v1/decisions` and `/v1/forward-auth`: the same decision from a JSON context
+//! or from gateway headers.
+
+use std::time::Instant;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use super::error::ApiError;
+use super::extract::{parse_json, read_body, require};
+use super::AppState;
+use crate::context::{ContextError, ContextInput, RequestContext};
+use crate::engine::Decision;
+use crate::rule::Effect;
+use crate::tokens::Role;
+
+fn context_error(e: ContextError) -> ApiError {
+    ApiError::bad_field(e.field(), e.to_string())
+}
+
+/// `POST /v1/decisions`.
+pub async fn decide(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    require(&req, &state, &[Role::Proxy, Role::Admin])?;
+    let started = Instant::now();
+    let body = read_body(payload, state.settings.max_body_bytes).await?;
+    let input: ContextInput = parse_json(&body)?;
+    let ctx = RequestContext::parse(input).map_err(context_error)?;
+    let decision = finish(&state, &ctx, "api", started).await?;
+    Ok(HttpResponse::Ok().json(decision))
+}
+
+/// Any method `/v1/forward-auth`: context from headers, 200 allow / 403 deny.
+pub async fn forward_auth(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    require(&req, &state, &[Role::Proxy, Role::Admin])?;
+    let started = Instant::now();
+    let ctx = crate::forward_auth::context_from_headers(req.headers(), &state.settings.forward_auth)
+        .map_err(context_error)?;
+    let decision = finish(&state, &ctx, "forward-auth", started).await?;
+    let mut answer = match decision.decision {
+        Effect::Allow => HttpResponse::Ok(),
+        Effect::Deny => HttpResponse::Forbidden(),
+    };
+    answer.insert_header(("X-Verdict-Decision-Id", decision.decision_id.as_str()));
+    answer.insert_header(("X-Verdict-Reason", crate::forward_auth::header_safe(&decision.reason)));
+    Ok(answer.json(serde_json::json!({"decision_id": decision.decision_id, "decision": decision.decision, "reason": decision.reason})))
+}
+
+/// Decides, records, counts.
+async fn finish(
+    state: &AppState,
+    ctx: &RequestContext,
+    via: &'static str,
+    started: Instant,
+) -> Result<Decision, ApiError> {
+    let mut decision = state.engine.decide(ctx).await;
+    decision.latency_ms = (started.elapsed().as_secs_f64() * 100_000.0).round() / 100.0;
+    state.metrics.decision(decision.decision.as_str(), via, started.elapsed());
+    Ok(decision)
+}

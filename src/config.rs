@@ -1,0 +1,215 @@
+//! Typed settings, resolved once at start: flag > environment variable > config file
+//! > default. clap handles flag-over-variable; the file fills what neither set.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::tokens::{Role, TokenEntry};
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Header names forward auth reads the context from (SPEC §7).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ForwardAuthHeaders {
+    pub application: Vec<String>,
+    pub host: Vec<String>,
+    pub username: Vec<String>,
+    pub groups: Vec<String>,
+    pub group_names: Vec<String>,
+    pub remote_ip: Vec<String>,
+    pub forwarded_for: Vec<String>,
+    pub user_agent: Vec<String>,
+    pub device_id: Vec<String>,
+    pub internal_addr: Vec<String>,
+    pub client_certificate: Vec<String>,
+}
+
+impl Default for ForwardAuthHeaders {
+    fn default() -> Self {
+        let v = |names: &[&str]| names.iter().map(|s| s.to_string()).collect();
+        ForwardAuthHeaders {
+            application: v(&["X-Verdict-Application"]),
+            host: v(&["X-Forwarded-Host", "Host"]),
+            username: v(&["X-Forwarded-User", "Remote-User", "X-Auth-Request-User"]),
+            groups: v(&["X-Forwarded-Groups"]),
+            group_names: v(&["X-Forwarded-Group-Names"]),
+            remote_ip: v(&["X-Real-IP"]),
+            forwarded_for: v(&["X-Forwarded-For"]),
+            user_agent: v(&["User-Agent"]),
+            device_id: v(&["X-Device-Id"]),
+            internal_addr: v(&["X-Forwarded-Internal-Addr"]),
+            client_certificate: v(&["X-SSL-Client-Cert"]),
+        }
+    }
+}
+
+/// A token as the config file lists it (hash only).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileToken {
+    pub name: String,
+    pub role: Role,
+    pub sha256: String,
+}
+
+/// The config file (TOML). Every key is optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub policies: Option<PathBuf>,
+    pub database_url: Option<String>,
+    pub log_format: Option<LogFormat>,
+    pub max_body_bytes: Option<usize>,
+    pub activity_retention_days: Option<u32>,
+    pub replica_name: Option<String>,
+    pub tokens: Vec<FileToken>,
+    pub forward_auth: Option<ForwardAuthHeaders>,
+    pub outbound: Option<OutboundFile>,
+}
+
+/// Outbound limits in the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboundFile {
+    pub max_response_bytes: Option<usize>,
+    pub follow_redirects: Option<bool>,
+}
+
+/// What `verdict serve` takes on the command line (and from `VERDICT_*`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:8080]
+    #[arg(long, env = "VERDICT_LISTEN")]
+    pub listen: Option<String>,
+    /// Data directory (SQLite database, keys, spool) [default: ./data]
+    #[arg(long, env = "VERDICT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Directory of policy files [default: ./policies]
+    #[arg(long, env = "VERDICT_POLICIES")]
+    pub policies: Option<PathBuf>,
+    /// Config file (TOML)
+    #[arg(long, env = "VERDICT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Store URL: sqlite://PATH
+    #[arg(long, env = "VERDICT_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Log format on stderr
+    #[arg(long, env = "VERDICT_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Days of activity log kept [default: 30]
+    #[arg(long, env = "VERDICT_ACTIVITY_RETENTION_DAYS")]
+    pub activity_retention_days: Option<u32>,
+    /// Name of this replica in activity entries and metrics [default: host name]
+    #[arg(long, env = "VERDICT_REPLICA_NAME")]
+    pub replica_name: Option<String>,
+}
+
+/// Resolved settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub policies: PathBuf,
+    pub database_url: Option<String>,
+    pub log_format: LogFormat,
+    pub max_body_bytes: usize,
+    pub activity_retention_days: u32,
+    pub replica_name: String,
+    /// Tokens from the config file and environment; empty means "generate".
+    pub tokens: Vec<TokenEntry>,
+    pub forward_auth: ForwardAuthHeaders,
+    pub max_response_bytes: usize,
+    pub follow_redirects: bool,
+}
+
+/// Why settings could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("config file {0}: {1}")]
+    Parse(PathBuf, String),
+}
+
+impl Settings {
+    /// Defaults for everything, with a data and policy directory (tests use this).
+    pub fn with_dirs(data_dir: &Path, policies: &Path) -> Settings {
+        Settings {
+            listen: "127.0.0.1:0".into(),
+            data_dir: data_dir.to_owned(),
+            policies: policies.to_owned(),
+            database_url: None,
+            log_format: LogFormat::Text,
+            max_body_bytes: 1 << 20,
+            activity_retention_days: 30,
+            replica_name: host_name(),
+            tokens: Vec::new(),
+            forward_auth: ForwardAuthHeaders::default(),
+            max_response_bytes: 1 << 20,
+            follow_redirects: false,
+        }
+    }
+
+    /// Resolves flags and environment over the config file over defaults.
+    pub fn resolve(args: ServeArgs) -> Result<Settings, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.clone(), e))?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse(path.clone(), e.to_string()))?
+            }
+            None => FileConfig::default(),
+        };
+        let mut s = Settings::with_dirs(
+            &args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("./data")),
+            &args.policies.or(file.policies).unwrap_or_else(|| PathBuf::from("./policies")),
+        );
+        s.listen = args.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:8080".into());
+        s.database_url = args.database_url.or(file.database_url);
+        s.log_format = args.log_format.or(file.log_format).unwrap_or_default();
+        s.max_body_bytes = file.max_body_bytes.unwrap_or(1 << 20);
+        s.activity_retention_days = args.activity_retention_days.or(file.activity_retention_days).unwrap_or(30);
+        if let Some(name) = args.replica_name.or(file.replica_name) {
+            s.replica_name = name;
+        }
+        s.forward_auth = file.forward_auth.unwrap_or_default();
+        if let Some(o) = file.outbound {
+            s.max_response_bytes = o.max_response_bytes.unwrap_or(s.max_response_bytes);
+            s.follow_redirects = o.follow_redirects.unwrap_or(false);
+        }
+        s.tokens =
+            file.tokens.into_iter().map(|t| TokenEntry { name: t.name, role: t.role, sha256: t.sha256 }).collect();
+        for (var, name, role) in [
+            ("VERDICT_ADMIN_TOKEN", "env-admin", Role::Admin),
+            ("VERDICT_PROXY_TOKEN", "env-proxy", Role::Proxy),
+            ("VERDICT_AUDITOR_TOKEN", "env-auditor", Role::Auditor),
+        ] {
+            if let Ok(token) = std::env::var(var) {
+                if !token.is_empty() {
+                    s.tokens.push(TokenEntry::from_plain(name, role, &token));
+                }
+            }
+        }
+        Ok(s)
+    }
+}
+
+/// The host name, for the default replica name.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "verdict".into())
+}

@@ -1,0 +1,129 @@
+//! Wiring: settings → store, engine, registry, HTTP server. Tests build the very same
+//! [`Application`] the binary runs, on port 0.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix_web::{web, App, HttpServer};
+
+use crate::api::{self, AppState};
+use crate::config::Settings;
+use crate::engine::Engine;
+use crate::metrics::Metrics;
+use crate::outbound::{HttpOutbound, OutboundConfig};
+use crate::policy::Catalog;
+use crate::policy_files::FileProblem;
+use crate::registry::Registry;
+use crate::tokens::{self, TokenSet};
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("policy files have problems:\n{}", .0.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    PolicyFiles(Vec<FileProblem>),
+    #[error("cannot listen on {0}: {1}")]
+    Listen(String, std::io::Error),
+    #[error("data directory {0}: {1}")]
+    DataDir(String, std::io::Error),
+    #[error("tokens: {0}")]
+    Tokens(String),
+    #[error("outbound HTTP client: {0}")]
+    Client(String),
+}
+
+/// A built, bound, not yet running service.
+pub struct Application {
+    port: u16,
+    server: actix_web::dev::Server,
+    state: web::Data<AppState>,
+}
+
+impl Application {
+    /// Builds everything and binds the listener.
+    pub async fn build(settings: Settings) -> Result<Application, StartError> {
+        let data_dir = settings.data_dir.clone();
+        std::fs::create_dir_all(&data_dir).map_err(|e| StartError::DataDir(data_dir.display().to_string(), e))?;
+        let token_entries = if settings.tokens.is_empty() {
+            let (entries, plain) = tokens::load_or_generate(&data_dir)
+                .map_err(|e| StartError::DataDir(data_dir.display().to_string(), e))?;
+            if !plain.is_empty() {
+                // Printed once, on purpose, to stdout and not to the log: only the
+                // hashes are kept, so this is the one chance to copy them.
+                println!(
+                    "verdict: no tokens configured; generated one per role (only their hashes are kept in {}):",
+                    data_dir.join("tokens.json").display()
+                );
+                for (name, role, token) in &plain {
+                    println!("  {name} ({}): {token}", role.as_str());
+                }
+            }
+            entries
+        } else {
+            settings.tokens.clone()
+        };
+        let tokens = TokenSet::new(token_entries).map_err(StartError::Tokens)?;
+        let metrics = Arc::new(Metrics::new());
+        let outbound = HttpOutbound::new(
+            OutboundConfig {
+                max_response_bytes: settings.max_response_bytes,
+                follow_redirects: settings.follow_redirects,
+            },
+            metrics.clone(),
+        )
+        .map_err(|e| StartError::Client(e.to_string()))?;
+        let engine = Arc::new(Engine::new(Catalog::default(), Arc::new(outbound), metrics.clone()));
+        let registry = Arc::new(Registry::new(engine.clone(), settings.policies.clone()));
+        let files = registry.load_files().await.map_err(StartError::PolicyFiles)?;
+        for f in &files {
+            tracing::info!(file = %f.source, rules = f.rules.len(), policies = f.policies.len(), "policy file loaded");
+        }
+        let listener =
+            TcpListener::bind(&settings.listen).map_err(|e| StartError::Listen(settings.listen.clone(), e))?;
+        let port = listener.local_addr().map_err(|e| StartError::Listen(settings.listen.clone(), e))?.port();
+        let state = web::Data::new(AppState { settings, tokens, engine, registry, metrics });
+        let server_state = state.clone();
+        let server = HttpServer::new(move || App::new().app_data(server_state.clone()).configure(api::routes))
+            .listen(listener)
+            .map_err(|e| StartError::Listen("listener".into(), e))?
+            .shutdown_timeout(30)
+            .run();
+        spawn_reload_on_sighup(state.registry.clone());
+        Ok(Application { port, server, state })
+    }
+
+    /// The port the service listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Shared state (tests inspect metrics through it).
+    pub fn state(&self) -> web::Data<AppState> {
+        self.state.clone()
+    }
+
+    /// Runs until SIGTERM/SIGINT (actix stops accepting and lets in-flight requests
+    /// finish), then flushes what must be flushed.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+fn spawn_reload_on_sighup(registry: Arc<Registry>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+        while hup.recv().await.is_some() {
+            match registry.load_files().await {
+                Ok(files) => tracing::info!(files = files.len(), "policy files reloaded"),
+                Err(problems) => {
+                    for p in &problems {
+                        tracing::error!(problem = %p, "policy reload refused; the running set is kept");
+                    }
+                }
+            }
+        }
+    });
+}
