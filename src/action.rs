@@ -52,6 +52,7 @@ impl ActionKind {
 
 /// A response action as written in a rule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ActionSpec {
     #[serde(rename = "type")]
     pub kind: String,

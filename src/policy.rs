@@ -12,6 +12,7 @@ use crate::rule::{valid_id, FieldError, Rule};
 
 /// A policy as written by an admin, and as read back.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct PolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
@@ -31,6 +32,7 @@ pub struct PolicySpec {
 
 /// Who a policy is for; empty means everyone.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Subjects {
     #[serde(default)]
     pub users: Vec<String>,
@@ -45,6 +47,10 @@ pub struct Policy {
     pub spec: PolicySpec,
     pub source: String,
     pub version: i64,
+    /// RFC 3339; set by the registry.
+    pub created_at: String,
+    /// RFC 3339; set by the registry.
+    pub updated_at: String,
     pub enabled: bool,
     pub applications: Vec<String>,
     users: HashSet<String>,
@@ -105,8 +111,22 @@ impl Policy {
             rules,
             source: source.to_owned(),
             version,
+            created_at: String::new(),
+            updated_at: String::new(),
             spec,
         })
+    }
+
+    /// The policy as reads show it, with the read-only fields.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(&self.spec).unwrap_or_default();
+        if let serde_json::Value::Object(map) = &mut v {
+            map.insert("source".into(), self.source.clone().into());
+            map.insert("version".into(), self.version.into());
+            map.insert("created_at".into(), self.created_at.clone().into());
+            map.insert("updated_at".into(), self.updated_at.clone().into());
+        }
+        v
     }
 
     /// Whether the policy's subjects cover the request (empty subjects cover everyone).

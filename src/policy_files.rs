@@ -69,13 +69,21 @@ pub fn load_file(path: &Path) -> Result<LoadedFile, Vec<FileProblem>> {
     let body: FileBody =
         serde_json::from_slice(&bytes).map_err(|e| vec![problem("-", format!("not a policy file: {e}"))])?;
     let source = format!("policies/{name}");
+    let modified = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .map(|t| crate::store::format_time(time::OffsetDateTime::from(t)))
+        .unwrap_or_else(|_| crate::store::now_string());
     let mut problems = Vec::new();
     let mut rules = Vec::new();
     for (i, raw) in body.rules.into_iter().enumerate() {
         let field = format!("rules[{i}]");
         match serde_path_to_error::deserialize::<_, RuleSpec>(raw) {
             Ok(spec) => match Rule::compile(spec, &source, 1) {
-                Ok(rule) => rules.push(Arc::new(rule)),
+                Ok(mut rule) => {
+                    rule.created_at.clone_from(&modified);
+                    rule.updated_at.clone_from(&modified);
+                    rules.push(Arc::new(rule))
+                }
                 Err(errors) => {
                     problems.extend(errors.into_iter().map(|e| problem(&format!("{field}.{}", e.field), e.message)))
                 }
@@ -88,7 +96,11 @@ pub fn load_file(path: &Path) -> Result<LoadedFile, Vec<FileProblem>> {
         let field = format!("policies[{i}]");
         match serde_path_to_error::deserialize::<_, PolicySpec>(raw) {
             Ok(spec) => match Policy::compile(spec, &source, 1) {
-                Ok(p) => policies.push(Arc::new(p)),
+                Ok(mut p) => {
+                    p.created_at.clone_from(&modified);
+                    p.updated_at.clone_from(&modified);
+                    policies.push(Arc::new(p))
+                }
                 Err(errors) => {
                     problems.extend(errors.into_iter().map(|e| problem(&format!("{field}.{}", e.field), e.message)))
                 }

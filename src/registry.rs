@@ -1,20 +1,25 @@
 //! The managed objects in force — those from policy files and those created over the
-//! API — and the one place that rebuilds the engine's catalog from them.
+//! API — and the one place that changes them: validate, check conflicts, write the
+//! store (object and audit entry in one transaction), then swap a new catalog into
+//! the engine.
 //!
 //! Architecture Invariant: every change to rules or policies goes through the
-//! registry, under its write lock, and ends with a new catalog swapped into the
-//! engine; the decision path only ever reads the swapped-in snapshot.
+//! registry, under its write lock; memory changes only after the store committed, and
+//! nothing is stored when validation fails.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
 use crate::engine::Engine;
-use crate::policy::{Catalog, Policy};
+use crate::policy::{Catalog, Policy, PolicySpec};
 use crate::policy_files::{self, FileProblem, LoadedFile};
-use crate::rule::Rule;
+use crate::rule::{FieldError, Rule, RuleSpec, SOURCE_API};
+use crate::secret::Secret;
+use crate::store::{now_string, AuditAction, AuditDraft, Change, ObjectKind, Store, StoreError, StoredObject};
 
 /// Rules and policies by origin.
 #[derive(Debug, Default, Clone)]
@@ -26,7 +31,7 @@ pub struct Objects {
 
 impl Objects {
     /// Builds the catalog of everything.
-    pub fn catalog(&self) -> Result<Catalog, Vec<(String, crate::rule::FieldError)>> {
+    pub fn catalog(&self) -> Result<Catalog, Vec<(String, FieldError)>> {
         let rules =
             self.files.iter().flat_map(|f| f.rules.iter().cloned()).chain(self.api_rules.values().cloned()).collect();
         let policies = self
@@ -37,20 +42,42 @@ impl Objects {
             .collect();
         Catalog::build(rules, policies)
     }
+
+    fn file_rule(&self, id: &str) -> Option<&Arc<Rule>> {
+        self.files.iter().flat_map(|f| f.rules.iter()).find(|r| r.id == id)
+    }
+
+    fn file_policy(&self, id: &str) -> Option<&Arc<Policy>> {
+        self.files.iter().flat_map(|f| f.policies.iter()).find(|p| p.id == id)
+    }
+}
+
+/// Why a change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0} `{1}` does not exist")]
+    NotFound(&'static str, String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("validation failed")]
+    Validation(Vec<FieldError>),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
 }
 
 /// Owner of the object set; serializes writers.
 pub struct Registry {
     objects: Mutex<Objects>,
     engine: Arc<Engine>,
+    store: Arc<dyn Store>,
     policies_dir: PathBuf,
     files_loaded: std::sync::atomic::AtomicBool,
 }
 
 impl Registry {
-    /// A registry over an engine.
-    pub fn new(engine: Arc<Engine>, policies_dir: PathBuf) -> Registry {
-        Registry { objects: Mutex::new(Objects::default()), engine, policies_dir, files_loaded: false.into() }
+    /// A registry over an engine and a store.
+    pub fn new(engine: Arc<Engine>, store: Arc<dyn Store>, policies_dir: PathBuf) -> Registry {
+        Registry { objects: Mutex::new(Objects::default()), engine, store, policies_dir, files_loaded: false.into() }
     }
 
     /// Whether policy files have loaded (readiness).
@@ -63,13 +90,45 @@ impl Registry {
         &self.engine
     }
 
-    /// Locks the object set for a change; [`Registry::install`] finishes it.
-    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, Objects> {
-        self.objects.lock().await
+    /// The store behind the registry.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
     }
 
-    /// Swaps in a new object set after its catalog builds.
-    pub fn install(&self, guard: &mut Objects, next: Objects) -> Result<(), Vec<(String, crate::rule::FieldError)>> {
+    /// Reads the API-managed objects from the store (at start). Objects that no longer
+    /// compile (a newer version wrote them) are skipped with an error in the log.
+    pub async fn load_store(&self) -> Result<(), StoreError> {
+        let stored = self.store.load_all().await?;
+        let mut guard = self.objects.lock().await;
+        let mut next = guard.clone();
+        for obj in stored {
+            match obj.kind {
+                ObjectKind::Rule => match rule_from_store(&obj) {
+                    Ok(rule) => {
+                        next.api_rules.insert(rule.id.clone(), Arc::new(rule));
+                    }
+                    Err(problems) => {
+                        tracing::error!(rule = %obj.id, ?problems, "stored rule does not compile; skipped")
+                    }
+                },
+                ObjectKind::Policy => match policy_from_store(&obj) {
+                    Ok(p) => {
+                        next.api_policies.insert(p.id.clone(), Arc::new(p));
+                    }
+                    Err(problems) => {
+                        tracing::error!(policy = %obj.id, ?problems, "stored policy does not compile; skipped")
+                    }
+                },
+                ObjectKind::Webhook => {}
+            }
+        }
+        if let Err(problems) = self.install(&mut guard, next) {
+            tracing::error!(?problems, "stored objects do not form a valid catalog");
+        }
+        Ok(())
+    }
+
+    fn install(&self, guard: &mut Objects, next: Objects) -> Result<(), Vec<(String, FieldError)>> {
         let catalog = next.catalog()?;
         self.engine.replace_catalog(catalog);
         *guard = next;
@@ -77,7 +136,8 @@ impl Registry {
     }
 
     /// Loads (or reloads) the policy directory. All files must load and the result must
-    /// build; otherwise nothing changes and every problem is returned.
+    /// build; otherwise nothing changes and every problem is returned. Each file whose
+    /// content differs from its last recorded load gets one `load` audit entry.
     pub async fn load_files(&self) -> Result<Vec<LoadedFile>, Vec<FileProblem>> {
         let dir = self.policies_dir.clone();
         let paths = match policy_files::files_in(&dir) {
@@ -93,23 +153,23 @@ impl Registry {
         };
         let mut guard = self.objects.lock().await;
         let api_rules: Vec<String> = guard.api_rules.keys().cloned().collect();
-        let (files, problems) = policy_files::load_all(&paths, &api_rules);
+        let (files, mut problems) = policy_files::load_all(&paths, &api_rules);
+        for f in &files {
+            for (i, p) in f.policies.iter().enumerate() {
+                if guard.api_policies.contains_key(&p.id) {
+                    problems.push(FileProblem {
+                        file: f.source.clone(),
+                        field: format!("policies[{i}].id"),
+                        message: format!("policy `{}` is also defined over the API", p.id),
+                    });
+                }
+            }
+        }
         if !problems.is_empty() {
             return Err(problems);
         }
         let mut next = guard.clone();
         next.files = files.clone();
-        for f in &files {
-            for p in &f.policies {
-                if next.api_policies.contains_key(&p.id) {
-                    return Err(vec![FileProblem {
-                        file: f.source.clone(),
-                        field: "policies".into(),
-                        message: format!("policy `{}` is also defined over the API", p.id),
-                    }]);
-                }
-            }
-        }
         self.install(&mut guard, next).map_err(|errors| {
             errors
                 .into_iter()
@@ -117,6 +177,313 @@ impl Registry {
                 .collect::<Vec<_>>()
         })?;
         self.files_loaded.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(guard);
+        for f in &files {
+            if let Err(e) = self.audit_file_load(f).await {
+                tracing::error!(file = %f.source, error = %e, "could not record the policy file load in the audit log");
+            }
+        }
         Ok(files)
     }
+
+    async fn audit_file_load(&self, file: &LoadedFile) -> Result<(), StoreError> {
+        if self.store.last_file_hash(&file.name).await?.as_deref() == Some(file.sha256.as_str()) {
+            return Ok(());
+        }
+        let draft = AuditDraft {
+            actor: format!("file:{}", file.name),
+            action: AuditAction::Load,
+            object_type: "file".into(),
+            object_id: file.name.clone(),
+            before: None,
+            after: Some(json!({
+                "file": file.source,
+                "sha256": file.sha256,
+                "rules": file.rules.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
+                "policies": file.policies.iter().map(|p| p.to_json()).collect::<Vec<_>>(),
+            })),
+        };
+        self.store.commit(Vec::new(), vec![draft]).await.map(|_| ())
+    }
+
+    /// A snapshot of the objects (reads).
+    pub async fn objects(&self) -> Objects {
+        self.objects.lock().await.clone()
+    }
+
+    /// Creates a rule over the API.
+    pub async fn create_rule(&self, actor: &str, mut spec: RuleSpec) -> Result<Arc<Rule>, RegistryError> {
+        let mut guard = self.objects.lock().await;
+        let id = spec.id.get_or_insert_with(generated_id).clone();
+        if guard.api_rules.contains_key(&id) || guard.file_rule(&id).is_some() {
+            return Err(RegistryError::Conflict(format!("rule `{id}` already exists")));
+        }
+        if let Some(auth) = spec.auth.as_mut() {
+            // The mask stands for "the stored value", and a new rule has none.
+            for path in ["auth.password", "auth.value", "auth.client_secret"] {
+                if let Some(slot) = auth.secret_mut(path) {
+                    if slot.as_ref().is_some_and(Secret::is_mask) {
+                        *slot = None;
+                    }
+                }
+            }
+        }
+        let now = now_string();
+        let mut rule = Rule::compile(spec, SOURCE_API, 1).map_err(RegistryError::Validation)?;
+        rule.created_at.clone_from(&now);
+        rule.updated_at = now;
+        let rule = Arc::new(rule);
+        let mut next = guard.clone();
+        next.api_rules.insert(id.clone(), rule.clone());
+        self.commit_rule(&mut guard, next, actor, AuditAction::Create, None, Some(&rule)).await?;
+        Ok(rule)
+    }
+
+    /// Replaces a rule over the API. Secrets left out or sent as the mask keep their
+    /// stored values.
+    pub async fn update_rule(&self, actor: &str, id: &str, mut spec: RuleSpec) -> Result<Arc<Rule>, RegistryError> {
+        let mut guard = self.objects.lock().await;
+        if let Some(r) = guard.file_rule(id) {
+            return Err(read_only("rule", id, &r.source));
+        }
+        let old = guard.api_rules.get(id).cloned().ok_or_else(|| RegistryError::NotFound("rule", id.to_owned()))?;
+        check_body_id(spec.id.as_deref(), id)?;
+        spec.id = Some(id.to_owned());
+        if let (Some(auth), Some(old_auth)) = (spec.auth.as_mut(), old.spec.auth.as_ref()) {
+            for (path, stored) in old_auth.secrets() {
+                if let Some(slot) = auth.secret_mut(path) {
+                    if slot.as_ref().is_none_or(Secret::is_mask) {
+                        *slot = Some(stored.clone());
+                    }
+                }
+            }
+        }
+        let mut rule = Rule::compile(spec, SOURCE_API, old.version + 1).map_err(RegistryError::Validation)?;
+        rule.created_at.clone_from(&old.created_at);
+        rule.updated_at = now_string();
+        let rule = Arc::new(rule);
+        let mut next = guard.clone();
+        next.api_rules.insert(id.to_owned(), rule.clone());
+        self.commit_rule(&mut guard, next, actor, AuditAction::Update, Some(&old), Some(&rule)).await?;
+        Ok(rule)
+    }
+
+    /// Deletes a rule that no policy lists.
+    pub async fn delete_rule(&self, actor: &str, id: &str) -> Result<(), RegistryError> {
+        let mut guard = self.objects.lock().await;
+        if let Some(r) = guard.file_rule(id) {
+            return Err(read_only("rule", id, &r.source));
+        }
+        let old = guard.api_rules.get(id).cloned().ok_or_else(|| RegistryError::NotFound("rule", id.to_owned()))?;
+        let users = self.engine.catalog().policies_using(id);
+        if !users.is_empty() {
+            let names: Vec<String> = users.iter().map(|p| format!("`{p}`")).collect();
+            return Err(RegistryError::Conflict(format!(
+                "rule `{id}` is used by polic{} {}; remove it there first",
+                if users.len() == 1 { "y" } else { "ies" },
+                names.join(", ")
+            )));
+        }
+        let mut next = guard.clone();
+        next.api_rules.remove(id);
+        self.commit_rule(&mut guard, next, actor, AuditAction::Delete, Some(&old), None).await
+    }
+
+    async fn commit_rule(
+        &self,
+        guard: &mut Objects,
+        next: Objects,
+        actor: &str,
+        action: AuditAction,
+        before: Option<&Rule>,
+        after: Option<&Rule>,
+    ) -> Result<(), RegistryError> {
+        let catalog = next.catalog().map_err(|e| RegistryError::Validation(e.into_iter().map(|(_, e)| e).collect()))?;
+        let id = after.or(before).map(|r| r.id.clone()).unwrap_or_default();
+        let change = match after {
+            Some(rule) => Change::Put(rule_to_store(rule)),
+            None => Change::Delete { kind: ObjectKind::Rule, id: id.clone() },
+        };
+        let audit = AuditDraft {
+            actor: actor.to_owned(),
+            action,
+            object_type: "rule".into(),
+            object_id: id,
+            before: before.map(Rule::to_json),
+            after: after.map(Rule::to_json),
+        };
+        self.store.commit(vec![change], vec![audit]).await?;
+        self.engine.replace_catalog(catalog);
+        *guard = next;
+        Ok(())
+    }
+
+    /// Creates a policy over the API.
+    pub async fn create_policy(&self, actor: &str, mut spec: PolicySpec) -> Result<Arc<Policy>, RegistryError> {
+        let mut guard = self.objects.lock().await;
+        let id = spec.id.get_or_insert_with(generated_id).clone();
+        if guard.api_policies.contains_key(&id) || guard.file_policy(&id).is_some() {
+            return Err(RegistryError::Conflict(format!("policy `{id}` already exists")));
+        }
+        let now = now_string();
+        let mut policy = Policy::compile(spec, SOURCE_API, 1).map_err(RegistryError::Validation)?;
+        policy.created_at.clone_from(&now);
+        policy.updated_at = now;
+        let policy = Arc::new(policy);
+        let mut next = guard.clone();
+        next.api_policies.insert(id, policy.clone());
+        self.commit_policy(&mut guard, next, actor, AuditAction::Create, None, Some(&policy)).await?;
+        Ok(policy)
+    }
+
+    /// Replaces a policy over the API.
+    pub async fn update_policy(
+        &self,
+        actor: &str,
+        id: &str,
+        mut spec: PolicySpec,
+    ) -> Result<Arc<Policy>, RegistryError> {
+        let mut guard = self.objects.lock().await;
+        if let Some(p) = guard.file_policy(id) {
+            return Err(read_only("policy", id, &p.source));
+        }
+        let old =
+            guard.api_policies.get(id).cloned().ok_or_else(|| RegistryError::NotFound("policy", id.to_owned()))?;
+        check_body_id(spec.id.as_deref(), id)?;
+        spec.id = Some(id.to_owned());
+        let mut policy = Policy::compile(spec, SOURCE_API, old.version + 1).map_err(RegistryError::Validation)?;
+        policy.created_at.clone_from(&old.created_at);
+        policy.updated_at = now_string();
+        let policy = Arc::new(policy);
+        let mut next = guard.clone();
+        next.api_policies.insert(id.to_owned(), policy.clone());
+        self.commit_policy(&mut guard, next, actor, AuditAction::Update, Some(&old), Some(&policy)).await?;
+        Ok(policy)
+    }
+
+    /// Deletes a policy.
+    pub async fn delete_policy(&self, actor: &str, id: &str) -> Result<(), RegistryError> {
+        let mut guard = self.objects.lock().await;
+        if let Some(p) = guard.file_policy(id) {
+            return Err(read_only("policy", id, &p.source));
+        }
+        let old =
+            guard.api_policies.get(id).cloned().ok_or_else(|| RegistryError::NotFound("policy", id.to_owned()))?;
+        let mut next = guard.clone();
+        next.api_policies.remove(id);
+        self.commit_policy(&mut guard, next, actor, AuditAction::Delete, Some(&old), None).await
+    }
+
+    async fn commit_policy(
+        &self,
+        guard: &mut Objects,
+        next: Objects,
+        actor: &str,
+        action: AuditAction,
+        before: Option<&Policy>,
+        after: Option<&Policy>,
+    ) -> Result<(), RegistryError> {
+        let catalog = next.catalog().map_err(|e| RegistryError::Validation(e.into_iter().map(|(_, e)| e).collect()))?;
+        let id = after.or(before).map(|p| p.id.clone()).unwrap_or_default();
+        let change = match after {
+            Some(p) => Change::Put(StoredObject {
+                kind: ObjectKind::Policy,
+                id: p.id.clone(),
+                source: p.source.clone(),
+                version: p.version,
+                doc: p.to_json(),
+                secrets: BTreeMap::new(),
+                created_at: p.created_at.clone(),
+                updated_at: p.updated_at.clone(),
+            }),
+            None => Change::Delete { kind: ObjectKind::Policy, id: id.clone() },
+        };
+        let audit = AuditDraft {
+            actor: actor.to_owned(),
+            action,
+            object_type: "policy".into(),
+            object_id: id,
+            before: before.map(Policy::to_json),
+            after: after.map(Policy::to_json),
+        };
+        self.store.commit(vec![change], vec![audit]).await?;
+        self.engine.replace_catalog(catalog);
+        *guard = next;
+        Ok(())
+    }
+}
+
+fn generated_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+fn read_only(what: &str, id: &str, source: &str) -> RegistryError {
+    RegistryError::Conflict(format!(
+        "{what} `{id}` is managed by {source} and cannot be changed over the API; edit the file"
+    ))
+}
+
+fn check_body_id(body_id: Option<&str>, path_id: &str) -> Result<(), RegistryError> {
+    match body_id {
+        Some(b) if b != path_id => Err(RegistryError::Validation(vec![FieldError::new(
+            "id",
+            format!("`{b}` does not match the id in the path, `{path_id}`"),
+        )])),
+        _ => Ok(()),
+    }
+}
+
+fn rule_to_store(rule: &Rule) -> StoredObject {
+    let secrets = rule
+        .spec
+        .auth
+        .as_ref()
+        .map(|a| a.secrets().into_iter().map(|(k, v)| (k.to_owned(), v.expose().to_owned())).collect())
+        .unwrap_or_default();
+    StoredObject {
+        kind: ObjectKind::Rule,
+        id: rule.id.clone(),
+        source: rule.source.clone(),
+        version: rule.version,
+        doc: rule.to_json(),
+        secrets,
+        created_at: rule.created_at.clone(),
+        updated_at: rule.updated_at.clone(),
+    }
+}
+
+fn rule_from_store(obj: &StoredObject) -> Result<Rule, Vec<FieldError>> {
+    let mut spec: RuleSpec = serde_json::from_value(strip_read_only(&obj.doc))
+        .map_err(|e| vec![FieldError::new("-", format!("stored rule does not parse: {e}"))])?;
+    if let Some(auth) = spec.auth.as_mut() {
+        for (path, value) in &obj.secrets {
+            if let Some(slot) = auth.secret_mut(path) {
+                *slot = Some(Secret::new(value.clone()));
+            }
+        }
+    }
+    let mut rule = Rule::compile(spec, &obj.source, obj.version)?;
+    rule.created_at.clone_from(&obj.created_at);
+    rule.updated_at.clone_from(&obj.updated_at);
+    Ok(rule)
+}
+
+fn policy_from_store(obj: &StoredObject) -> Result<Policy, Vec<FieldError>> {
+    let spec: PolicySpec = serde_json::from_value(strip_read_only(&obj.doc))
+        .map_err(|e| vec![FieldError::new("-", format!("stored policy does not parse: {e}"))])?;
+    let mut p = Policy::compile(spec, &obj.source, obj.version)?;
+    p.created_at.clone_from(&obj.created_at);
+    p.updated_at.clone_from(&obj.updated_at);
+    Ok(p)
+}
+
+/// Removes `source`, `version`, `created_at`, `updated_at` from an object's JSON.
+pub fn strip_read_only(doc: &Value) -> Value {
+    let mut doc = doc.clone();
+    if let Value::Object(map) = &mut doc {
+        for k in ["source", "version", "created_at", "updated_at"] {
+            map.remove(k);
+        }
+    }
+    doc
 }

@@ -37,6 +37,7 @@ impl fmt::Display for FieldError {
 
 /// A `{"key", "value"}` pair (headers, query, OAuth params).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct KeyValue {
     pub key: String,
     pub value: String,
@@ -47,6 +48,7 @@ pub const SOURCE_API: &str = "api";
 
 /// A rule as written by an admin (API body or policy file), and as read back.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct RuleSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
@@ -88,6 +90,7 @@ pub struct RuleSpec {
 /// Authentication to the rule's API, as written. Which fields are required depends on
 /// `type`; validation says which are missing.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct AuthSpec {
     #[serde(rename = "type")]
     pub kind: String,
@@ -249,6 +252,10 @@ pub struct Rule {
     pub spec: RuleSpec,
     pub source: String,
     pub version: i64,
+    /// RFC 3339; set by the registry.
+    pub created_at: String,
+    /// RFC 3339; set by the registry.
+    pub updated_at: String,
     pub enabled: bool,
     pub method: reqwest::Method,
     pub url: UrlTemplate,
@@ -417,8 +424,23 @@ impl Rule {
             cache_ttl: Duration::from_secs(spec.cache_ttl_s.unwrap_or(0)),
             source: source.to_owned(),
             version,
+            created_at: String::new(),
+            updated_at: String::new(),
             spec,
         })
+    }
+
+    /// The rule as reads show it: the normalized spec, secrets masked, and the
+    /// read-only fields.
+    pub fn to_json(&self) -> Value {
+        let mut v = serde_json::to_value(&self.spec).unwrap_or_default();
+        if let Value::Object(map) = &mut v {
+            map.insert("source".into(), self.source.clone().into());
+            map.insert("version".into(), self.version.into());
+            map.insert("created_at".into(), self.created_at.clone().into());
+            map.insert("updated_at".into(), self.updated_at.clone().into());
+        }
+        v
     }
 
     /// Every parameter the rule uses, for the engine to check up front.

@@ -9,11 +9,14 @@ use actix_web::{web, App, HttpServer};
 use crate::api::{self, AppState};
 use crate::config::Settings;
 use crate::engine::Engine;
+use crate::logs::activity::{spawn_retention, ActivityWriter, ActivityWriterConfig};
 use crate::metrics::Metrics;
 use crate::outbound::{HttpOutbound, OutboundConfig};
 use crate::policy::Catalog;
 use crate::policy_files::FileProblem;
 use crate::registry::Registry;
+use crate::secrets::SecretBox;
+use crate::store::{SqliteStore, Store};
 use crate::tokens::{self, TokenSet};
 
 /// Why the service could not start.
@@ -29,6 +32,10 @@ pub enum StartError {
     Tokens(String),
     #[error("outbound HTTP client: {0}")]
     Client(String),
+    #[error("secret key: {0}")]
+    SecretKey(String),
+    #[error("store: {0}")]
+    Store(String),
 }
 
 /// A built, bound, not yet running service.
@@ -71,8 +78,15 @@ impl Application {
             metrics.clone(),
         )
         .map_err(|e| StartError::Client(e.to_string()))?;
+        let secret_key = std::env::var("VERDICT_SECRET_KEY").ok();
+        let secrets = Arc::new(
+            SecretBox::load_or_create(&data_dir, secret_key.as_deref())
+                .map_err(|e| StartError::SecretKey(e.to_string()))?,
+        );
+        let store: Arc<dyn Store> = Arc::new(open_store(&settings, secrets)?);
         let engine = Arc::new(Engine::new(Catalog::default(), Arc::new(outbound), metrics.clone()));
-        let registry = Arc::new(Registry::new(engine.clone(), settings.policies.clone()));
+        let registry = Arc::new(Registry::new(engine.clone(), store.clone(), settings.policies.clone()));
+        registry.load_store().await.map_err(|e| StartError::Store(e.to_string()))?;
         let files = registry.load_files().await.map_err(StartError::PolicyFiles)?;
         for f in &files {
             tracing::info!(file = %f.source, rules = f.rules.len(), policies = f.policies.len(), "policy file loaded");
@@ -80,7 +94,9 @@ impl Application {
         let listener =
             TcpListener::bind(&settings.listen).map_err(|e| StartError::Listen(settings.listen.clone(), e))?;
         let port = listener.local_addr().map_err(|e| StartError::Listen(settings.listen.clone(), e))?.port();
-        let state = web::Data::new(AppState { settings, tokens, engine, registry, metrics });
+        let activity = ActivityWriter::start(store.clone(), ActivityWriterConfig::default());
+        spawn_retention(store.clone(), settings.activity_retention_days, std::time::Duration::from_secs(3600));
+        let state = web::Data::new(AppState { settings, tokens, engine, registry, metrics, store, activity });
         let server_state = state.clone();
         let server = HttpServer::new(move || App::new().app_data(server_state.clone()).configure(api::routes))
             .listen(listener)
@@ -105,9 +121,30 @@ impl Application {
     /// finish), then flushes what must be flushed.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.server.await?;
+        // actix has stopped accepting and finished in-flight requests; what they
+        // queued for the activity log is flushed before exit.
+        self.state.activity.shutdown().await;
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+fn open_store(settings: &Settings, secrets: Arc<SecretBox>) -> Result<SqliteStore, StartError> {
+    let dir = match settings.database_url.as_deref() {
+        None => settings.data_dir.clone(),
+        Some(url) => match url.strip_prefix("sqlite://") {
+            // `sqlite://PATH` names the directory that holds verdict.db.
+            Some(path) => std::path::PathBuf::from(path),
+            None => {
+                return Err(StartError::Store(format!(
+                    "unsupported database URL scheme in `{}`; use sqlite://DIR",
+                    url.split("://").next().unwrap_or("?")
+                )))
+            }
+        },
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| StartError::DataDir(dir.display().to_string(), e))?;
+    SqliteStore::open(&dir, secrets).map_err(|e| StartError::Store(e.to_string()))
 }
 
 fn spawn_reload_on_sighup(registry: Arc<Registry>) {

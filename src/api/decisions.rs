@@ -11,6 +11,7 @@ use super::AppState;
 use crate::context::{ContextError, ContextInput, RequestContext};
 use crate::engine::Decision;
 use crate::rule::Effect;
+use crate::store::{now_string, ActivityEntry};
 use crate::tokens::Role;
 
 fn context_error(e: ContextError) -> ApiError {
@@ -48,7 +49,8 @@ pub async fn forward_auth(req: HttpRequest, state: web::Data<AppState>) -> Resul
     Ok(answer.json(serde_json::json!({"decision_id": decision.decision_id, "decision": decision.decision, "reason": decision.reason})))
 }
 
-/// Decides, records, counts.
+/// Decides, records the activity entry durably, counts. The answer waits for the
+/// entry's batch to commit (SPEC §8).
 async fn finish(
     state: &AppState,
     ctx: &RequestContext,
@@ -57,6 +59,25 @@ async fn finish(
 ) -> Result<Decision, ApiError> {
     let mut decision = state.engine.decide(ctx).await;
     decision.latency_ms = (started.elapsed().as_secs_f64() * 100_000.0).round() / 100.0;
+    let entry = ActivityEntry {
+        decision_id: decision.decision_id.clone(),
+        time: now_string(),
+        application: ctx.application.clone(),
+        username: ctx.username.clone(),
+        remote_ip: ctx.remote_ip.clone(),
+        device_id: ctx.device_id.clone(),
+        decision: decision.decision.as_str().to_owned(),
+        reason: decision.reason.clone(),
+        policies: serde_json::to_value(&decision.policies).unwrap_or_default(),
+        rules: serde_json::to_value(&decision.rules).unwrap_or_default(),
+        latency_ms: decision.latency_ms,
+        via: via.to_owned(),
+        replica: state.settings.replica_name.clone(),
+    };
+    if let Err(e) = state.activity.record(entry).await {
+        tracing::error!(error = %e, decision_id = %decision.decision_id, "activity entry not recorded; refusing to answer");
+        return Err(ApiError::store_unavailable());
+    }
     state.metrics.decision(decision.decision.as_str(), via, started.elapsed());
     Ok(decision)
 }

@@ -1,9 +1,11 @@
 //! The HTTP surface: routes, roles, error mapping. Handlers parse at the edge and hand
 //! typed values to the engine and registry.
 
+pub mod admin;
 pub mod decisions;
 pub mod error;
 pub mod extract;
+pub mod logs;
 pub mod system;
 
 use std::sync::Arc;
@@ -12,8 +14,10 @@ use actix_web::web;
 
 use crate::config::Settings;
 use crate::engine::Engine;
+use crate::logs::activity::ActivityWriter;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::store::Store;
 use crate::tokens::TokenSet;
 
 /// What handlers share.
@@ -23,6 +27,8 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    pub store: Arc<dyn Store>,
+    pub activity: ActivityWriter,
 }
 
 /// Registers every route.
@@ -33,4 +39,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/healthz", web::get().to(system::healthz))
         .route("/readyz", web::get().to(system::readyz))
         .route("/metrics", web::get().to(system::metrics));
+    admin::routes(cfg);
+    logs::routes(cfg);
 }

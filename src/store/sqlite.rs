@@ -1,0 +1,1307 @@
+//! The SQLite store: one file, `DATA_DIR/verdict.db`, for a single verdict process.
+//!
+//! Durability: WAL journal with `synchronous=FULL`, so every committed transaction is
+//! fsynced before `commit`/`insert_activity` returns and survives `kill -9` and power
+//! loss.
+//!
+//! Threads: SQLite calls block, so they run under `spawn_blocking`, never on the async
+//! executor threads. All writes go through one writer connection behind a mutex (SQLite
+//! allows one writer at a time anyway, and the mutex makes audit `seq` assignment
+//! race-free); listings use a second, read-only connection, so a long read never waits
+//! for a batch of activity inserts and vice versa.
+//!
+//! Schema: [`MIGRATIONS`] is an ordered list of SQL scripts; `PRAGMA user_version` holds
+//! how many have run. Each runs in its own transaction at [`SqliteStore::open`].
+//!
+//! File loads: [`Store::last_file_hash`] reads `after.sha256` of the newest audit entry
+//! with `action = load`, `object_type = file`, `object_id = FILE` — the audit log is the
+//! record, no side table.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use super::{
+    activity_rule_ids, decode_activity_cursor, decode_audit_cursor, encode_activity_cursor, encode_audit_cursor,
+    parse_time, unix_micros, ActivityEntry, ActivityFilter, AuditAction, AuditDraft, AuditEntry, AuditFilter, Change,
+    Listing, ObjectKind, Page, Store, StoreError, StoredObject, VerifyResult,
+};
+use crate::logs::audit::{seal_all, ChainBreak, ChainVerifier, GENESIS_HASH};
+use crate::secrets::SecretBox;
+
+/// Name of the database file inside the data directory.
+pub const DB_FILE_NAME: &str = "verdict.db";
+
+/// How long a statement waits for a lock held by another process (e.g. a `sqlite3`
+/// shell) before the store reports [`StoreError::Unavailable`]; admin writes must answer
+/// 503 within about 2 s rather than hang.
+const BUSY_TIMEOUT: Duration = Duration::from_millis(2000);
+
+/// Rows deleted per transaction by `prune_activity`, so pruning a large backlog never
+/// holds the writer long enough to delay decisions waiting for their activity entry.
+const PRUNE_CHUNK: usize = 2000;
+
+/// Schema migrations, in order. Never edit one that has shipped; append a new one.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: objects, audit chain, activity log.
+    r#"
+    CREATE TABLE objects (
+        kind        TEXT NOT NULL,
+        id          TEXT NOT NULL,
+        source      TEXT NOT NULL,
+        version     INTEGER NOT NULL,
+        doc         TEXT NOT NULL,
+        secrets     TEXT,            -- SecretBox ciphertext of the JSON map; NULL when empty
+        created_at  TEXT NOT NULL,
+        updated_at  TEXT NOT NULL,
+        PRIMARY KEY (kind, id)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE audit (
+        seq          INTEGER PRIMARY KEY,
+        time         TEXT NOT NULL,
+        time_us      INTEGER NOT NULL,
+        actor        TEXT NOT NULL,
+        action       TEXT NOT NULL,
+        object_type  TEXT NOT NULL,
+        object_id    TEXT NOT NULL,
+        before_json  TEXT,
+        after_json   TEXT,
+        prev_hash    TEXT NOT NULL,
+        hash         TEXT NOT NULL
+    );
+    CREATE INDEX audit_by_actor ON audit (actor, seq);
+    CREATE INDEX audit_by_object ON audit (object_type, object_id, seq);
+    CREATE INDEX audit_by_time ON audit (time_us);
+
+    CREATE TABLE activity (
+        id           INTEGER PRIMARY KEY,
+        decision_id  TEXT NOT NULL UNIQUE,
+        time         TEXT NOT NULL,
+        time_us      INTEGER NOT NULL,
+        application  TEXT NOT NULL,
+        username     TEXT,
+        remote_ip    TEXT,
+        device_id    TEXT,
+        decision     TEXT NOT NULL,
+        reason       TEXT NOT NULL,
+        policies     TEXT NOT NULL,
+        rules        TEXT NOT NULL,
+        latency_ms   REAL NOT NULL,
+        via          TEXT NOT NULL,
+        replica      TEXT NOT NULL
+    );
+    CREATE INDEX activity_by_time ON activity (time_us, id);
+    CREATE INDEX activity_by_user ON activity (username, time_us, id);
+    CREATE INDEX activity_by_app ON activity (application, time_us, id);
+    CREATE INDEX activity_by_decision ON activity (decision, time_us, id);
+
+    -- One row per (rule, activity entry), so the rule_id filter is an index lookup
+    -- instead of parsing every entry's rules JSON.
+    CREATE TABLE activity_rule (
+        rule_id      TEXT NOT NULL,
+        activity_id  INTEGER NOT NULL,
+        PRIMARY KEY (rule_id, activity_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX activity_rule_by_activity ON activity_rule (activity_id);
+    "#,
+];
+
+/// The SQLite implementation of [`Store`].
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Arc<Mutex<Connection>>,
+    reader: Arc<Mutex<Connection>>,
+    secrets: Arc<SecretBox>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) `data_dir/verdict.db` and runs pending migrations.
+    ///
+    /// Blocks on file I/O: call it at startup, before serving, or from `spawn_blocking`.
+    pub fn open(data_dir: &Path, secrets: Arc<SecretBox>) -> Result<SqliteStore, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            StoreError::Unavailable(format!("cannot create data directory `{}`: {e}", data_dir.display()))
+        })?;
+        let path = data_dir.join(DB_FILE_NAME);
+        let mut writer = open_connection(&path, false)?;
+        migrate(&mut writer)?;
+        let reader = open_connection(&path, true)?;
+        Ok(SqliteStore { path, writer: Arc::new(Mutex::new(writer)), reader: Arc::new(Mutex::new(reader)), secrets })
+    }
+
+    /// The database file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the writer connection on a blocking thread.
+    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        run_blocking(Arc::clone(&self.writer), f).await
+    }
+
+    /// Runs `f` on the reader connection on a blocking thread.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        run_blocking(Arc::clone(&self.reader), f).await
+    }
+}
+
+async fn run_blocking<T, F>(conn: Arc<Mutex<Connection>>, f: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        // A panic while holding the lock leaves no half-done work behind: an open
+        // rusqlite transaction rolls back when dropped. So a poisoned lock is safe to use.
+        let mut guard = conn.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut guard)
+    })
+    .await
+    .map_err(|e| StoreError::Internal(format!("store task failed: {e}")))?
+}
+
+fn open_connection(path: &Path, read_only: bool) -> Result<Connection, StoreError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        // Each connection is used by one thread at a time, behind its own mutex.
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(db_err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0)).map_err(db_err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Unavailable(format!(
+            "database `{}` refused WAL journal mode (got `{mode}`)",
+            path.display()
+        )));
+    }
+    // FULL fsyncs the WAL on every commit: a committed batch survives power loss.
+    conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
+    conn.pragma_update(None, "foreign_keys", "ON").map_err(db_err)?;
+    // Keep sort/temp data in memory so nothing about a query lands in temp files.
+    conn.pragma_update(None, "temp_store", "MEMORY").map_err(db_err)?;
+    if read_only {
+        conn.pragma_update(None, "query_only", "ON").map_err(db_err)?;
+    }
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let current: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(db_err)?;
+    let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+    if current > known {
+        return Err(StoreError::Corrupt(format!(
+            "database schema version {current} is newer than this verdict supports ({known})"
+        )));
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(current).unwrap_or(0)) {
+        let version = index + 1;
+        // IMMEDIATE takes the write lock first, so two processes opening the same file
+        // cannot both run a migration.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+        let now: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(db_err)?;
+        if now >= i64::try_from(version).unwrap_or(i64::MAX) {
+            continue;
+        }
+        tx.execute_batch(sql).map_err(db_err)?;
+        tx.pragma_update(None, "user_version", version).map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        tracing::info!(version, "applied store migration");
+    }
+    Ok(())
+}
+
+/// Maps SQLite failures onto the store's error kinds. rusqlite messages name SQL and
+/// columns, never bound values, so no secret can appear in them.
+fn db_err(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode;
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _) => match f.code {
+            ErrorCode::DatabaseBusy
+            | ErrorCode::DatabaseLocked
+            | ErrorCode::DiskFull
+            | ErrorCode::CannotOpen
+            | ErrorCode::SystemIoFailure
+            | ErrorCode::PermissionDenied
+            | ErrorCode::ReadOnly
+            | ErrorCode::FileLockingProtocolFailed
+            | ErrorCode::OutOfMemory => StoreError::Unavailable(e.to_string()),
+            ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => StoreError::Corrupt(e.to_string()),
+            _ => StoreError::Internal(e.to_string()),
+        },
+        _ => StoreError::Internal(e.to_string()),
+    }
+}
+
+fn json_text(value: &Value) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Internal(format!("cannot encode JSON: {e}")))
+}
+
+fn opt_json_text(value: Option<&Value>) -> Result<Option<String>, StoreError> {
+    value.map(json_text).transpose()
+}
+
+fn parse_json(text: &str, what: impl FnOnce() -> String) -> Result<Value, StoreError> {
+    serde_json::from_str(text).map_err(|_| StoreError::Corrupt(format!("{} is not valid JSON", what())))
+}
+
+/// An object row ready to be written: secrets already encrypted.
+struct ObjectRow {
+    kind: ObjectKind,
+    id: String,
+    source: String,
+    version: i64,
+    doc: String,
+    secrets: Option<String>,
+    created_at: String,
+    updated_at: String,
+}
+
+fn encode_object(obj: StoredObject, secrets: &SecretBox) -> Result<ObjectRow, StoreError> {
+    let sealed = if obj.secrets.is_empty() {
+        None
+    } else {
+        let plain = serde_json::to_string(&obj.secrets)
+            .map_err(|e| StoreError::Internal(format!("cannot encode secrets: {e}")))?;
+        Some(secrets.encrypt(&plain))
+    };
+    Ok(ObjectRow {
+        kind: obj.kind,
+        id: obj.id,
+        source: obj.source,
+        version: obj.version,
+        doc: json_text(&obj.doc)?,
+        secrets: sealed,
+        created_at: obj.created_at,
+        updated_at: obj.updated_at,
+    })
+}
+
+const AUDIT_COLUMNS: &str =
+    "seq, time, actor, action, object_type, object_id, before_json, after_json, prev_hash, hash";
+
+/// An audit row as stored, before its text is parsed.
+struct RawAudit {
+    seq: i64,
+    time: String,
+    actor: String,
+    action: String,
+    object_type: String,
+    object_id: String,
+    before: Option<String>,
+    after: Option<String>,
+    prev_hash: String,
+    hash: String,
+}
+
+impl RawAudit {
+    fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawAudit> {
+        Ok(RawAudit {
+            seq: row.get(0)?,
+            time: row.get(1)?,
+            actor: row.get(2)?,
+            action: row.get(3)?,
+            object_type: row.get(4)?,
+            object_id: row.get(5)?,
+            before: row.get(6)?,
+            after: row.get(7)?,
+            prev_hash: row.get(8)?,
+            hash: row.get(9)?,
+        })
+    }
+
+    /// Parses the row; the error says what is wrong with it, for `Corrupt` or a chain break.
+    fn parse(self) -> Result<AuditEntry, String> {
+        let seq = self.seq;
+        let action = AuditAction::parse(&self.action).ok_or_else(|| "unknown action".to_string())?;
+        let json = |text: Option<String>, field: &str| -> Result<Option<Value>, String> {
+            text.map(|t| serde_json::from_str(&t).map_err(|_| format!("`{field}` is not valid JSON"))).transpose()
+        };
+        Ok(AuditEntry {
+            seq,
+            time: self.time,
+            actor: self.actor,
+            action,
+            object_type: self.object_type,
+            object_id: self.object_id,
+            before: json(self.before, "before")?,
+            after: json(self.after, "after")?,
+            prev_hash: self.prev_hash,
+            hash: self.hash,
+        })
+    }
+}
+
+const ACTIVITY_COLUMNS: &str = "id, time_us, decision_id, time, application, username, remote_ip, \
+     device_id, decision, reason, policies, rules, latency_ms, via, replica";
+
+/// An activity row with its ordering key, for building the next cursor.
+struct ActivityRow {
+    id: i64,
+    time_us: i64,
+    entry: ActivityEntry,
+}
+
+fn activity_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, i64, ActivityEntry, String, String)> {
+    let policies: String = row.get(10)?;
+    let rules: String = row.get(11)?;
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        ActivityEntry {
+            decision_id: row.get(2)?,
+            time: row.get(3)?,
+            application: row.get(4)?,
+            username: row.get(5)?,
+            remote_ip: row.get(6)?,
+            device_id: row.get(7)?,
+            decision: row.get(8)?,
+            reason: row.get(9)?,
+            policies: Value::Null,
+            rules: Value::Null,
+            latency_ms: row.get(12)?,
+            via: row.get(13)?,
+            replica: row.get(14)?,
+        },
+        policies,
+        rules,
+    ))
+}
+
+/// An activity entry ready to be inserted.
+struct NewActivity {
+    entry: ActivityEntry,
+    time_us: i64,
+    policies: String,
+    rules: String,
+    rule_ids: Vec<String>,
+}
+
+/// Deletes up to [`PRUNE_CHUNK`] activity entries older than `cutoff` (µs) with their
+/// rule index rows, in one transaction; returns how many.
+fn prune_chunk(conn: &mut Connection, cutoff: i64) -> Result<usize, StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+    let chunk = i64::try_from(PRUNE_CHUNK).unwrap_or(i64::MAX);
+    let ids: Vec<i64> = {
+        let mut stmt = tx
+            .prepare_cached("SELECT id FROM activity WHERE time_us < ?1 ORDER BY time_us LIMIT ?2")
+            .map_err(db_err)?;
+        let rows = stmt.query_map(params![cutoff, chunk], |row| row.get(0)).map_err(db_err)?;
+        rows.collect::<Result<_, _>>().map_err(db_err)?
+    };
+    {
+        let mut del_rules = tx.prepare_cached("DELETE FROM activity_rule WHERE activity_id = ?1").map_err(db_err)?;
+        let mut del = tx.prepare_cached("DELETE FROM activity WHERE id = ?1").map_err(db_err)?;
+        for id in &ids {
+            del_rules.execute(params![id]).map_err(db_err)?;
+            del.execute(params![id]).map_err(db_err)?;
+        }
+    }
+    tx.commit().map_err(db_err)?;
+    Ok(ids.len())
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn load_all(&self) -> Result<Vec<StoredObject>, StoreError> {
+        let secrets = Arc::clone(&self.secrets);
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT kind, id, source, version, doc, secrets, created_at, updated_at \
+                     FROM objects ORDER BY kind, id",
+                )
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map([], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, String>(2)?,
+                        row.get::<_, i64>(3)?,
+                        row.get::<_, String>(4)?,
+                        row.get::<_, Option<String>>(5)?,
+                        row.get::<_, String>(6)?,
+                        row.get::<_, String>(7)?,
+                    ))
+                })
+                .map_err(db_err)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (kind, id, source, version, doc, sealed, created_at, updated_at) = row.map_err(db_err)?;
+                let kind = ObjectKind::parse(&kind)
+                    .ok_or_else(|| StoreError::Corrupt(format!("object `{id}` has unknown kind `{kind}`")))?;
+                let doc = parse_json(&doc, || format!("doc of {kind} `{id}`"))?;
+                let secrets = match sealed {
+                    None => Default::default(),
+                    Some(sealed) => {
+                        let plain = secrets
+                            .decrypt(&sealed)
+                            .map_err(|e| StoreError::Corrupt(format!("secrets of {kind} `{id}`: {e}")))?;
+                        serde_json::from_str(&plain)
+                            .map_err(|_| StoreError::Corrupt(format!("secrets of {kind} `{id}` are not a JSON map")))?
+                    }
+                };
+                out.push(StoredObject { kind, id, source, version, doc, secrets, created_at, updated_at });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn commit(&self, changes: Vec<Change>, audit: Vec<AuditDraft>) -> Result<Vec<AuditEntry>, StoreError> {
+        if changes.is_empty() && audit.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Encrypt and encode before taking the writer: none of it needs the database,
+        // and the writer is shared with the activity log's batches.
+        let mut puts = Vec::new();
+        let mut deletes = Vec::new();
+        for change in changes {
+            match change {
+                Change::Put(obj) => puts.push(encode_object(obj, &self.secrets)?),
+                Change::Delete { kind, id } => deletes.push((kind, id)),
+            }
+        }
+        let mut audit_rows = Vec::with_capacity(audit.len());
+        for d in &audit {
+            audit_rows.push((opt_json_text(d.before.as_ref())?, opt_json_text(d.after.as_ref())?));
+        }
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+            {
+                let mut put = tx
+                    .prepare_cached(
+                        "INSERT INTO objects \
+                         (kind, id, source, version, doc, secrets, created_at, updated_at) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                         ON CONFLICT (kind, id) DO UPDATE SET \
+                         source = excluded.source, version = excluded.version, \
+                         doc = excluded.doc, secrets = excluded.secrets, \
+                         created_at = excluded.created_at, updated_at = excluded.updated_at",
+                    )
+                    .map_err(db_err)?;
+                for r in &puts {
+                    put.execute(params![
+                        r.kind.as_str(),
+                        r.id,
+                        r.source,
+                        r.version,
+                        r.doc,
+                        r.secrets,
+                        r.created_at,
+                        r.updated_at
+                    ])
+                    .map_err(db_err)?;
+                }
+                let mut del = tx.prepare_cached("DELETE FROM objects WHERE kind = ?1 AND id = ?2").map_err(db_err)?;
+                for (kind, id) in &deletes {
+                    del.execute(params![kind.as_str(), id]).map_err(db_err)?;
+                }
+            }
+
+            // Read the chain's tail inside the write transaction: no other writer can
+            // append between this read and our inserts, so seq stays gap-free and unique.
+            let (last_seq, last_hash) = tx
+                .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |row| {
+                    Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+                })
+                .optional()
+                .map_err(db_err)?
+                .unwrap_or_else(|| (0, GENESIS_HASH.to_string()));
+            let now = OffsetDateTime::now_utc();
+            let time = super::format_time(now);
+            let time_us = unix_micros(now);
+            let entries = seal_all(audit, last_seq, &last_hash, &time);
+            {
+                let mut ins = tx
+                    .prepare_cached(
+                        "INSERT INTO audit (seq, time, time_us, actor, action, object_type, \
+                         object_id, before_json, after_json, prev_hash, hash) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                    )
+                    .map_err(db_err)?;
+                for (e, (before, after)) in entries.iter().zip(&audit_rows) {
+                    ins.execute(params![
+                        e.seq,
+                        e.time,
+                        time_us,
+                        e.actor,
+                        e.action.as_str(),
+                        e.object_type,
+                        e.object_id,
+                        before,
+                        after,
+                        e.prev_hash,
+                        e.hash
+                    ])
+                    .map_err(db_err)?;
+                }
+            }
+            tx.commit().map_err(db_err)?;
+            Ok(entries)
+        })
+        .await
+    }
+
+    async fn last_file_hash(&self, file: &str) -> Result<Option<String>, StoreError> {
+        let file = file.to_string();
+        self.read(move |conn| {
+            let hash: Option<Option<String>> = conn
+                .query_row(
+                    "SELECT json_extract(after_json, '$.sha256') FROM audit \
+                     WHERE object_type = 'file' AND object_id = ?1 AND action = 'load' \
+                     ORDER BY seq DESC LIMIT 1",
+                    params![file],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(db_err)?;
+            Ok(hash.flatten())
+        })
+        .await
+    }
+
+    async fn list_audit(&self, filter: &AuditFilter, page: &Page) -> Result<Listing<AuditEntry>, StoreError> {
+        let limit = page.effective_limit();
+        let mut sql = format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE 1 = 1");
+        let mut args: Vec<SqlValue> = Vec::new();
+        if let Some(cursor) = &page.cursor {
+            sql.push_str(" AND seq < ?");
+            args.push(SqlValue::Integer(decode_audit_cursor(cursor)?));
+        }
+        if let Some(t) = filter.since {
+            sql.push_str(" AND time_us >= ?");
+            args.push(SqlValue::Integer(unix_micros(t)));
+        }
+        if let Some(t) = filter.until {
+            sql.push_str(" AND time_us < ?");
+            args.push(SqlValue::Integer(unix_micros(t)));
+        }
+        for (column, value) in [
+            ("actor", filter.actor.clone()),
+            ("action", filter.action.map(|a| a.as_str().to_string())),
+            ("object_type", filter.object_type.clone()),
+            ("object_id", filter.object_id.clone()),
+        ] {
+            if let Some(v) = value {
+                sql.push_str(&format!(" AND {column} = ?"));
+                args.push(SqlValue::Text(v));
+            }
+        }
+        sql.push_str(" ORDER BY seq DESC LIMIT ?");
+        // One row more than asked tells whether there is a next page.
+        args.push(SqlValue::Integer(i64::try_from(limit + 1).unwrap_or(i64::MAX)));
+
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&sql).map_err(db_err)?;
+            let rows = stmt.query_map(params_from_iter(args), RawAudit::from_row).map_err(db_err)?;
+            let mut items = Vec::new();
+            for row in rows {
+                let raw = row.map_err(db_err)?;
+                let seq = raw.seq;
+                items.push(raw.parse().map_err(|why| StoreError::Corrupt(format!("audit entry {seq}: {why}")))?);
+            }
+            let next_cursor = if items.len() > limit {
+                items.truncate(limit);
+                items.last().map(|e| encode_audit_cursor(e.seq))
+            } else {
+                None
+            };
+            Ok(Listing { items, next_cursor })
+        })
+        .await
+    }
+
+    async fn verify_audit(&self) -> Result<VerifyResult, StoreError> {
+        // A separate connection: walking a long chain must not hold up listings on the
+        // shared reader. One SELECT reads one consistent WAL snapshot.
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = open_connection(&path, true)?;
+            let mut stmt =
+                conn.prepare(&format!("SELECT {AUDIT_COLUMNS} FROM audit ORDER BY seq ASC")).map_err(db_err)?;
+            let mut rows = stmt.query([]).map_err(db_err)?;
+            let mut verifier = ChainVerifier::new();
+            while let Some(row) = rows.next().map_err(db_err)? {
+                let raw = RawAudit::from_row(row).map_err(db_err)?;
+                let seq = raw.seq;
+                let result =
+                    raw.parse().map_err(|reason| ChainBreak { seq, reason }).and_then(|entry| verifier.push(&entry));
+                if let Err(brk) = result {
+                    return Ok(verifier.broken(brk));
+                }
+            }
+            Ok(verifier.finish())
+        })
+        .await
+        .map_err(|e| StoreError::Internal(format!("store task failed: {e}")))?
+    }
+
+    async fn insert_activity(&self, batch: &[ActivityEntry]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut rows = Vec::with_capacity(batch.len());
+        for entry in batch {
+            let time = parse_time(&entry.time).ok_or_else(|| {
+                StoreError::Internal(format!("activity entry `{}` has a time that is not RFC 3339", entry.decision_id))
+            })?;
+            rows.push(NewActivity {
+                time_us: unix_micros(time),
+                policies: json_text(&entry.policies)?,
+                rules: json_text(&entry.rules)?,
+                rule_ids: activity_rule_ids(&entry.rules),
+                entry: entry.clone(),
+            });
+        }
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+            {
+                let mut ins = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO activity (decision_id, time, time_us, \
+                         application, username, remote_ip, device_id, decision, reason, \
+                         policies, rules, latency_ms, via, replica) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                    )
+                    .map_err(db_err)?;
+                let mut ins_rule = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO activity_rule (rule_id, activity_id) \
+                         VALUES (?1, ?2)",
+                    )
+                    .map_err(db_err)?;
+                for r in &rows {
+                    let e = &r.entry;
+                    let inserted = ins
+                        .execute(params![
+                            e.decision_id,
+                            e.time,
+                            r.time_us,
+                            e.application,
+                            e.username,
+                            e.remote_ip,
+                            e.device_id,
+                            e.decision,
+                            e.reason,
+                            r.policies,
+                            r.rules,
+                            e.latency_ms,
+                            e.via,
+                            e.replica
+                        ])
+                        .map_err(db_err)?;
+                    // 0 rows: a known decision_id (a retry); its rule rows exist already.
+                    if inserted == 1 {
+                        let id = tx.last_insert_rowid();
+                        for rule_id in &r.rule_ids {
+                            ins_rule.execute(params![rule_id, id]).map_err(db_err)?;
+                        }
+                    }
+                }
+            }
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn list_activity(&self, filter: &ActivityFilter, page: &Page) -> Result<Listing<ActivityEntry>, StoreError> {
+        let limit = page.effective_limit();
+        let mut sql = format!("SELECT {ACTIVITY_COLUMNS} FROM activity WHERE 1 = 1");
+        let mut args: Vec<SqlValue> = Vec::new();
+        if let Some(cursor) = &page.cursor {
+            let (t, id) = decode_activity_cursor(cursor)?;
+            sql.push_str(" AND (time_us < ? OR (time_us = ? AND id < ?))");
+            args.extend([SqlValue::Integer(t), SqlValue::Integer(t), SqlValue::Integer(id)]);
+        }
+        if let Some(t) = filter.since {
+            sql.push_str(" AND time_us >= ?");
+            args.push(SqlValue::Integer(unix_micros(t)));
+        }
+        if let Some(t) = filter.until {
+            sql.push_str(" AND time_us < ?");
+            args.push(SqlValue::Integer(unix_micros(t)));
+        }
+        for (column, value) in
+            [("username", &filter.username), ("application", &filter.application), ("decision", &filter.decision)]
+        {
+            if let Some(v) = value {
+                sql.push_str(&format!(" AND {column} = ?"));
+                args.push(SqlValue::Text(v.clone()));
+            }
+        }
+        if let Some(rule_id) = &filter.rule_id {
+            sql.push_str(" AND id IN (SELECT activity_id FROM activity_rule WHERE rule_id = ?)");
+            args.push(SqlValue::Text(rule_id.clone()));
+        }
+        sql.push_str(" ORDER BY time_us DESC, id DESC LIMIT ?");
+        args.push(SqlValue::Integer(i64::try_from(limit + 1).unwrap_or(i64::MAX)));
+
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&sql).map_err(db_err)?;
+            let rows = stmt.query_map(params_from_iter(args), activity_from_row).map_err(db_err)?;
+            let mut items: Vec<ActivityRow> = Vec::new();
+            for row in rows {
+                let (id, time_us, mut entry, policies, rules) = row.map_err(db_err)?;
+                entry.policies =
+                    parse_json(&policies, || format!("policies of activity entry `{}`", entry.decision_id))?;
+                entry.rules = parse_json(&rules, || format!("rules of activity entry `{}`", entry.decision_id))?;
+                items.push(ActivityRow { id, time_us, entry });
+            }
+            let next_cursor = if items.len() > limit {
+                items.truncate(limit);
+                items.last().map(|r| encode_activity_cursor(r.time_us, r.id))
+            } else {
+                None
+            };
+            Ok(Listing { items: items.into_iter().map(|r| r.entry).collect(), next_cursor })
+        })
+        .await
+    }
+
+    async fn prune_activity(&self, older_than: OffsetDateTime) -> Result<u64, StoreError> {
+        let cutoff = unix_micros(older_than);
+        let mut total: u64 = 0;
+        loop {
+            let removed = self.write(move |conn| prune_chunk(conn, cutoff)).await?;
+            total += u64::try_from(removed).unwrap_or(u64::MAX);
+            if removed < PRUNE_CHUNK {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.read(|conn| {
+            conn.query_row("SELECT 1", [], |row| row.get::<_, i64>(0)).map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{format_time, Page};
+    use serde_json::json;
+
+    const SECRET: &str = "PLAINTEXT-client-secret-4f1e9";
+    const PASSWORD: &str = "PLAINTEXT-basic-password-77ab";
+
+    fn open(dir: &Path) -> SqliteStore {
+        let secrets = Arc::new(SecretBox::load_or_create(dir, None).unwrap());
+        SqliteStore::open(dir, secrets).unwrap()
+    }
+
+    fn rule(id: &str, secrets: &[(&str, &str)]) -> StoredObject {
+        StoredObject {
+            kind: ObjectKind::Rule,
+            id: id.into(),
+            source: "api".into(),
+            version: 1,
+            doc: json!({"id": id, "method": "GET", "url": "https://x.test/",
+                        "auth": {"type": "oauth2_client_credentials", "client_secret": "********"}}),
+            secrets: secrets.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            created_at: "2025-01-01T00:00:00.000000Z".into(),
+            updated_at: "2025-01-01T00:00:00.000000Z".into(),
+        }
+    }
+
+    fn draft(actor: &str, action: AuditAction, object_type: &str, id: &str) -> AuditDraft {
+        AuditDraft {
+            actor: actor.into(),
+            action,
+            object_type: object_type.into(),
+            object_id: id.into(),
+            before: None,
+            after: Some(json!({"id": id, "auth": {"client_secret": "********"}})),
+        }
+    }
+
+    fn contains(haystack: &[u8], needle: &str) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
+    }
+
+    /// Every file in the data dir (db, -wal, -shm, key file) checked for plaintext.
+    fn assert_no_plaintext(dir: &Path, needles: &[&str]) -> usize {
+        let mut files = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            for needle in needles {
+                assert!(!contains(&bytes, needle), "`{needle}` found in {}", path.display());
+            }
+            files += 1;
+        }
+        files
+    }
+
+    #[tokio::test]
+    async fn objects_round_trip_with_secrets_encrypted_at_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let r1 = rule("r1", &[("auth.client_secret", SECRET)]);
+        let r2 = rule("r2", &[]);
+        let mut hook = rule("siem", &[("auth.password", PASSWORD)]);
+        hook.kind = ObjectKind::Webhook;
+        let entries = store
+            .commit(
+                vec![Change::Put(r1.clone()), Change::Put(r2.clone()), Change::Put(hook.clone())],
+                vec![draft("admin", AuditAction::Create, "rule", "r1")],
+            )
+            .await
+            .unwrap();
+        assert_eq!(entries.len(), 1);
+
+        let mut all = store.load_all().await.unwrap();
+        all.sort_by(|a, b| (a.kind, &a.id).cmp(&(b.kind, &b.id)));
+        assert_eq!(all, vec![r1.clone(), r2.clone(), hook.clone()]);
+        assert_eq!(all[0].secrets["auth.client_secret"], SECRET);
+
+        // While open: the main file, -wal and -shm all exist and hold no plaintext.
+        assert!(dir.path().join("verdict.db-wal").exists());
+        let files = assert_no_plaintext(dir.path(), &[SECRET, PASSWORD]);
+        assert!(files >= 4, "db, -wal, -shm and secret.key expected, saw {files}");
+
+        // Update and delete, then reopen (migrations are idempotent) and read again.
+        let mut r1b = r1.clone();
+        r1b.version = 2;
+        r1b.secrets.insert("auth.client_secret".into(), format!("{SECRET}-v2"));
+        store
+            .commit(
+                vec![
+                    Change::Put(r1b.clone()),
+                    Change::Delete { kind: ObjectKind::Rule, id: "r2".into() },
+                    Change::Delete { kind: ObjectKind::Policy, id: "nothing".into() },
+                ],
+                vec![],
+            )
+            .await
+            .unwrap();
+        drop(store);
+        assert_no_plaintext(dir.path(), &[SECRET, PASSWORD]);
+
+        let store = open(dir.path());
+        let mut all = store.load_all().await.unwrap();
+        all.sort_by(|a, b| (a.kind, &a.id).cmp(&(b.kind, &b.id)));
+        assert_eq!(all, vec![r1b, hook]);
+        store.ping().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn wrong_key_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.commit(vec![Change::Put(rule("r1", &[("auth.password", PASSWORD)]))], vec![]).await.unwrap();
+        drop(store);
+        let other = Arc::new(SecretBox::from_key([42u8; 32]));
+        let store = SqliteStore::open(dir.path(), other).unwrap();
+        let err = store.load_all().await.unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+        assert!(err.to_string().contains("r1"), "{err}");
+        assert!(!err.to_string().contains(PASSWORD));
+    }
+
+    #[tokio::test]
+    async fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path()));
+        let raw = Connection::open(dir.path().join(DB_FILE_NAME)).unwrap();
+        raw.pragma_update(None, "user_version", 99).unwrap();
+        drop(raw);
+        let secrets = Arc::new(SecretBox::load_or_create(dir.path(), None).unwrap());
+        let err = SqliteStore::open(dir.path(), secrets).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+    }
+
+    async fn seed_audit(store: &SqliteStore) -> Vec<AuditEntry> {
+        let batches = vec![
+            vec![draft("alice", AuditAction::Create, "rule", "r1")],
+            vec![
+                draft("alice", AuditAction::Create, "rule", "r2"),
+                draft("alice", AuditAction::Create, "policy", "p1"),
+            ],
+            vec![draft("bob", AuditAction::Update, "rule", "r1")],
+            vec![draft("file:a.json", AuditAction::Load, "file", "policies/a.json")],
+            vec![draft("bob", AuditAction::Delete, "rule", "r2")],
+        ];
+        let mut all = Vec::new();
+        for batch in batches {
+            all.extend(store.commit(vec![], batch).await.unwrap());
+            // Distinct commit times, so the time filters have something to separate.
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        all
+    }
+
+    #[tokio::test]
+    async fn audit_chain_verifies_and_tampering_is_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        assert_eq!(store.verify_audit().await.unwrap(), VerifyResult::Ok { entries: 0 });
+        let entries = seed_audit(&store).await;
+        let seqs: Vec<i64> = entries.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(entries[0].prev_hash, GENESIS_HASH);
+        assert_eq!(entries[2].prev_hash, entries[1].hash);
+        assert_eq!(entries[1].time, entries[2].time, "one commit, one time");
+        assert_eq!(store.verify_audit().await.unwrap(), VerifyResult::Ok { entries: 6 });
+
+        let raw = Connection::open(dir.path().join(DB_FILE_NAME)).unwrap();
+        raw.execute("UPDATE audit SET actor = 'mallory' WHERE seq = 4", []).unwrap();
+        assert_eq!(
+            store.verify_audit().await.unwrap(),
+            VerifyResult::Broken {
+                seq: 4,
+                entries_checked: 3,
+                reason: "hash does not match the entry's content".into()
+            }
+        );
+        raw.execute("UPDATE audit SET actor = 'bob' WHERE seq = 4", []).unwrap();
+        assert_eq!(store.verify_audit().await.unwrap(), VerifyResult::Ok { entries: 6 });
+
+        // Same JSON with keys reordered still verifies (canonical JSON) ...
+        raw.execute(
+            "UPDATE audit SET after_json = '{\"auth\":{\"client_secret\":\"********\"},\"id\":\"r2\"}' WHERE seq = 2",
+            [],
+        )
+        .unwrap();
+        assert_eq!(store.verify_audit().await.unwrap(), VerifyResult::Ok { entries: 6 });
+        // ... a changed value does not.
+        raw.execute("UPDATE audit SET after_json = '{\"id\":\"evil\"}' WHERE seq = 2", []).unwrap();
+        assert!(matches!(store.verify_audit().await.unwrap(), VerifyResult::Broken { seq: 2, entries_checked: 1, .. }));
+
+        // Unparsable rows and deleted rows are breaks too, not errors.
+        let dir2 = tempfile::tempdir().unwrap();
+        let store2 = open(dir2.path());
+        seed_audit(&store2).await;
+        let raw2 = Connection::open(dir2.path().join(DB_FILE_NAME)).unwrap();
+        raw2.execute("UPDATE audit SET action = 'obliterate' WHERE seq = 5", []).unwrap();
+        assert!(matches!(store2.verify_audit().await.unwrap(), VerifyResult::Broken { seq: 5, .. }));
+        assert!(matches!(
+            store2.list_audit(&AuditFilter::default(), &Page::default()).await,
+            Err(StoreError::Corrupt(_))
+        ));
+        raw2.execute("DELETE FROM audit WHERE seq = 5", []).unwrap();
+        assert!(matches!(
+            store2.verify_audit().await.unwrap(),
+            VerifyResult::Broken { seq: 6, entries_checked: 4, .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn concurrent_commits_keep_seq_gap_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(open(dir.path()));
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let store = Arc::clone(&store);
+            tasks.push(tokio::spawn(async move {
+                store
+                    .commit(
+                        vec![Change::Put(rule(&format!("r{i}"), &[]))],
+                        vec![
+                            draft("a", AuditAction::Create, "rule", &format!("r{i}")),
+                            draft("a", AuditAction::Update, "rule", &format!("r{i}")),
+                        ],
+                    )
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut seqs = Vec::new();
+        for t in tasks {
+            let entries = t.await.unwrap();
+            assert_eq!(entries[1].seq, entries[0].seq + 1, "one commit's entries are adjacent");
+            seqs.extend(entries.into_iter().map(|e| e.seq));
+        }
+        seqs.sort();
+        assert_eq!(seqs, (1..=40).collect::<Vec<_>>());
+        assert_eq!(store.verify_audit().await.unwrap(), VerifyResult::Ok { entries: 40 });
+    }
+
+    async fn all_audit_seqs(store: &SqliteStore, filter: &AuditFilter, limit: usize) -> Vec<i64> {
+        let mut seqs = Vec::new();
+        let mut page = Page { limit, cursor: None };
+        loop {
+            let listing = store.list_audit(filter, &page).await.unwrap();
+            assert!(listing.items.len() <= limit);
+            seqs.extend(listing.items.iter().map(|e| e.seq));
+            match listing.next_cursor {
+                Some(c) => page.cursor = Some(c),
+                None => return seqs,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn audit_pagination_and_filters() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let entries = seed_audit(&store).await;
+        let all = AuditFilter::default();
+
+        let first = store.list_audit(&all, &Page { limit: 2, cursor: None }).await.unwrap();
+        assert_eq!(first.items.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![6, 5]);
+        assert_eq!(first.items[0], entries[5], "listed entries equal the committed ones");
+        assert!(first.next_cursor.is_some());
+        assert_eq!(all_audit_seqs(&store, &all, 2).await, vec![6, 5, 4, 3, 2, 1]);
+        assert_eq!(all_audit_seqs(&store, &all, 1000).await, vec![6, 5, 4, 3, 2, 1]);
+        // Exactly a full last page: no cursor to an empty page.
+        let exact = store.list_audit(&all, &Page { limit: 6, cursor: None }).await.unwrap();
+        assert_eq!(exact.items.len(), 6);
+        assert_eq!(exact.next_cursor, None);
+
+        let f = |g: fn(&mut AuditFilter)| {
+            let mut filter = AuditFilter::default();
+            g(&mut filter);
+            filter
+        };
+        let cases: Vec<(AuditFilter, Vec<i64>)> = vec![
+            (f(|x| x.actor = Some("bob".into())), vec![6, 4]),
+            (f(|x| x.action = Some(AuditAction::Create)), vec![3, 2, 1]),
+            (f(|x| x.object_type = Some("rule".into())), vec![6, 4, 2, 1]),
+            (f(|x| x.object_id = Some("r1".into())), vec![4, 1]),
+            (
+                f(|x| {
+                    x.actor = Some("alice".into());
+                    x.object_type = Some("policy".into());
+                }),
+                vec![3],
+            ),
+            (f(|x| x.actor = Some("nobody".into())), vec![]),
+        ];
+        for (filter, expected) in cases {
+            assert_eq!(all_audit_seqs(&store, &filter, 1).await, expected, "{filter:?}");
+        }
+
+        // since inclusive, until exclusive; entries 2 and 3 share a commit time.
+        let t = |i: usize| parse_time(&entries[i].time).unwrap();
+        let since = AuditFilter { since: Some(t(1)), ..Default::default() };
+        assert_eq!(all_audit_seqs(&store, &since, 2).await, vec![6, 5, 4, 3, 2]);
+        let until = AuditFilter { until: Some(t(3)), ..Default::default() };
+        assert_eq!(all_audit_seqs(&store, &until, 2).await, vec![3, 2, 1]);
+        let both = AuditFilter { since: Some(t(1)), until: Some(t(4)), ..Default::default() };
+        assert_eq!(all_audit_seqs(&store, &both, 10).await, vec![4, 3, 2]);
+
+        for bad in ["garbage", "", "%%%", &encode_activity_cursor(1, 1)] {
+            let page = Page { limit: 10, cursor: Some(bad.to_string()) };
+            assert_eq!(store.list_audit(&all, &page).await.unwrap_err(), StoreError::BadCursor);
+        }
+    }
+
+    #[tokio::test]
+    async fn last_file_hash_reads_the_newest_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        assert_eq!(store.last_file_hash("policies/a.json").await.unwrap(), None);
+        let load = |sha: &str| AuditDraft {
+            actor: "file:a.json".into(),
+            action: AuditAction::Load,
+            object_type: "file".into(),
+            object_id: "policies/a.json".into(),
+            before: None,
+            after: Some(json!({"file": "policies/a.json", "sha256": sha, "rules": ["r1"], "policies": []})),
+        };
+        store.commit(vec![], vec![load("aaa")]).await.unwrap();
+        store.commit(vec![], vec![load("bbb")]).await.unwrap();
+        // A non-load entry on the same object id does not count.
+        store.commit(vec![], vec![draft("x", AuditAction::Update, "file", "policies/a.json")]).await.unwrap();
+        assert_eq!(store.last_file_hash("policies/a.json").await.unwrap().as_deref(), Some("bbb"));
+        assert_eq!(store.last_file_hash("policies/b.json").await.unwrap(), None);
+    }
+
+    fn activity(i: usize, time: OffsetDateTime) -> ActivityEntry {
+        ActivityEntry {
+            decision_id: format!("d-{i:04}"),
+            time: format_time(time),
+            application: if i.is_multiple_of(2) { "payroll" } else { "wiki" }.into(),
+            username: Some(if i.is_multiple_of(3) { "alice" } else { "bob" }.into()),
+            remote_ip: Some("10.0.0.1".into()),
+            device_id: None,
+            decision: if i.is_multiple_of(5) { "deny" } else { "allow" }.into(),
+            reason: "ok".into(),
+            policies: json!([{"id": "p1", "decision": "allow"}]),
+            rules: if i.is_multiple_of(4) {
+                json!([{"rule_id": "device-posture", "outcome": "allow"}, {"rule_id": "hr-active", "outcome": "allow"}])
+            } else {
+                json!([{"rule_id": "hr-active", "outcome": "allow"}])
+            },
+            latency_ms: 1.5,
+            via: "api".into(),
+            replica: "test".into(),
+        }
+    }
+
+    async fn all_activity_ids(store: &SqliteStore, filter: &ActivityFilter, limit: usize) -> Vec<String> {
+        let mut ids = Vec::new();
+        let mut page = Page { limit, cursor: None };
+        loop {
+            let listing = store.list_activity(filter, &page).await.unwrap();
+            assert!(listing.items.len() <= limit);
+            ids.extend(listing.items.into_iter().map(|e| e.decision_id));
+            match listing.next_cursor {
+                Some(c) => page.cursor = Some(c),
+                None => return ids,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn activity_insert_filters_pagination_prune() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let base = time::macros::datetime!(2025-03-01 12:00 UTC);
+        // 20 entries one minute apart; entries 10 and 11 share a time, to exercise the
+        // (time, id) cursor tie-break.
+        let entries: Vec<ActivityEntry> = (0..20)
+            .map(|i| {
+                let minute = if i == 11 { 10 } else { i as i64 };
+                activity(i, base + time::Duration::minutes(minute))
+            })
+            .collect();
+        // Inserted out of time order, in two batches.
+        let (a, b) = entries.split_at(7);
+        store.insert_activity(b).await.unwrap();
+        store.insert_activity(a).await.unwrap();
+
+        // Re-inserting a known decision_id, even with other content, is ignored.
+        let mut dup = entries[3].clone();
+        dup.reason = "changed".into();
+        store.insert_activity(&[dup]).await.unwrap();
+
+        let all = ActivityFilter::default();
+        let got = all_activity_ids(&store, &all, 3).await;
+        // 10 and 11 share a time: the later-inserted row (higher id) comes first.
+        let expected: Vec<String> = (0..20).rev().map(|i| format!("d-{i:04}")).collect();
+        assert_eq!(got, expected);
+        let first = store.list_activity(&all, &Page { limit: 20, cursor: None }).await.unwrap();
+        assert_eq!(first.next_cursor, None);
+        let three = first.items.iter().find(|e| e.decision_id == "d-0003").unwrap();
+        assert_eq!(three, &entries[3], "round trip, and the duplicate did not overwrite");
+
+        let ids = |pred: &dyn Fn(usize) -> bool| -> Vec<String> {
+            expected.iter().filter(|id| pred(id[2..].parse().unwrap())).cloned().collect()
+        };
+        let cases: Vec<(ActivityFilter, Vec<String>)> = vec![
+            (ActivityFilter { username: Some("alice".into()), ..Default::default() }, ids(&|i| i.is_multiple_of(3))),
+            (ActivityFilter { application: Some("wiki".into()), ..Default::default() }, ids(&|i| i % 2 == 1)),
+            (ActivityFilter { decision: Some("deny".into()), ..Default::default() }, ids(&|i| i.is_multiple_of(5))),
+            (
+                ActivityFilter { rule_id: Some("device-posture".into()), ..Default::default() },
+                ids(&|i| i.is_multiple_of(4)),
+            ),
+            (ActivityFilter { rule_id: Some("hr-active".into()), ..Default::default() }, ids(&|_| true)),
+            (ActivityFilter { rule_id: Some("nope".into()), ..Default::default() }, vec![]),
+            (
+                ActivityFilter {
+                    rule_id: Some("device-posture".into()),
+                    application: Some("payroll".into()),
+                    username: Some("alice".into()),
+                    ..Default::default()
+                },
+                ids(&|i| i.is_multiple_of(4) && i.is_multiple_of(3)),
+            ),
+            (
+                ActivityFilter {
+                    since: Some(base + time::Duration::minutes(5)),
+                    until: Some(base + time::Duration::minutes(10)),
+                    ..Default::default()
+                },
+                ids(&|i| (5..10).contains(&i)),
+            ),
+        ];
+        for (filter, want) in cases {
+            assert_eq!(all_activity_ids(&store, &filter, 2).await, want, "{filter:?}");
+        }
+
+        for bad in ["garbage", &encode_audit_cursor(3)] {
+            let page = Page { limit: 10, cursor: Some(bad.to_string()) };
+            assert_eq!(store.list_activity(&all, &page).await.unwrap_err(), StoreError::BadCursor);
+        }
+
+        let bad_time = ActivityEntry { time: "yesterday".into(), ..activity(99, base) };
+        assert!(matches!(store.insert_activity(&[bad_time]).await, Err(StoreError::Internal(_))));
+
+        // Prune: strictly older than the cutoff goes, with its rule index rows.
+        let removed = store.prune_activity(base + time::Duration::minutes(5)).await.unwrap();
+        assert_eq!(removed, 5);
+        assert_eq!(all_activity_ids(&store, &all, 100).await, ids(&|i| i >= 5));
+        assert_eq!(
+            all_activity_ids(
+                &store,
+                &ActivityFilter { rule_id: Some("device-posture".into()), ..Default::default() },
+                100
+            )
+            .await,
+            ids(&|i| i >= 5 && i.is_multiple_of(4))
+        );
+        let raw = Connection::open(dir.path().join(DB_FILE_NAME)).unwrap();
+        let orphans: i64 = raw
+            .query_row(
+                "SELECT count(*) FROM activity_rule WHERE activity_id NOT IN (SELECT id FROM activity)",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(orphans, 0);
+        assert_eq!(store.prune_activity(base).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn prune_works_in_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let old = time::macros::datetime!(2020-01-01 0:00 UTC);
+        let n = PRUNE_CHUNK * 2 + 7;
+        let batch: Vec<ActivityEntry> = (0..n).map(|i| activity(i, old)).collect();
+        store.insert_activity(&batch).await.unwrap();
+        store.insert_activity(&[activity(n, OffsetDateTime::now_utc())]).await.unwrap();
+        let removed = store.prune_activity(OffsetDateTime::now_utc() - time::Duration::days(1)).await.unwrap();
+        assert_eq!(removed, n as u64);
+        let left = store.list_activity(&ActivityFilter::default(), &Page::default()).await.unwrap();
+        assert_eq!(left.items.len(), 1);
+    }
+
+    #[test]
+    fn page_limit_is_clamped() {
+        assert_eq!(Page { limit: 0, cursor: None }.effective_limit(), 1);
+        assert_eq!(Page { limit: 5000, cursor: None }.effective_limit(), 1000);
+    }
+
+    #[test]
+    fn connections_are_wal_with_full_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        for conn in [&store.writer, &store.reader] {
+            let conn = conn.lock().unwrap();
+            let mode: String = conn.pragma_query_value(None, "journal_mode", |r| r.get(0)).unwrap();
+            let sync: i64 = conn.pragma_query_value(None, "synchronous", |r| r.get(0)).unwrap();
+            assert_eq!(mode, "wal");
+            assert_eq!(sync, 2, "synchronous=FULL");
+        }
+        let version: i64 = store.writer.lock().unwrap().pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+    }
+}
