@@ -76,6 +76,28 @@ pub struct FileConfig {
     pub tokens: Vec<FileToken>,
     pub forward_auth: Option<ForwardAuthHeaders>,
     pub outbound: Option<OutboundFile>,
+    pub circuit_breaker: Option<BreakerFile>,
+    pub decision_cache: Option<CacheFile>,
+}
+
+/// `[circuit_breaker]` in the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerFile {
+    /// Consecutive errors that open an origin's circuit (default 5).
+    pub failures: Option<u32>,
+    /// Seconds an open circuit fails fast before a probe (default 30).
+    pub cooldown_s: Option<u64>,
+    /// Calls in flight per API origin (default 256).
+    pub max_in_flight: Option<usize>,
+}
+
+/// `[decision_cache]` in the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheFile {
+    /// Most cached outcomes (default 100000).
+    pub max_entries: Option<u64>,
 }
 
 /// Outbound limits in the config file.
@@ -131,6 +153,8 @@ pub struct Settings {
     pub forward_auth: ForwardAuthHeaders,
     pub max_response_bytes: usize,
     pub follow_redirects: bool,
+    /// Decision cache and circuit breaker settings.
+    pub engine: crate::engine::EngineConfig,
 }
 
 /// Why settings could not be resolved.
@@ -158,6 +182,7 @@ impl Settings {
             forward_auth: ForwardAuthHeaders::default(),
             max_response_bytes: 1 << 20,
             follow_redirects: false,
+            engine: crate::engine::EngineConfig::default(),
         }
     }
 

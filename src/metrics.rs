@@ -12,6 +12,7 @@ pub struct Metrics {
     rule_outcomes: IntCounterVec,
     rule_latency: HistogramVec,
     token_fetches: IntCounterVec,
+    circuit_state: prometheus::IntGaugeVec,
     /// Activity-log batch sizes.
     pub activity_batch_size: HistogramVec,
     /// Activity entries waiting to be written.
@@ -55,7 +56,14 @@ impl Metrics {
             IntGauge::new("verdict_activity_queue_depth", "Activity entries waiting to be written")
                 .unwrap_or_else(|e| unreachable!("{e}"));
         registry.register(Box::new(activity_queue_depth.clone())).unwrap_or_else(|e| unreachable!("{e}"));
+        let circuit_state = prometheus::IntGaugeVec::new(
+            Opts::new("verdict_circuit_state", "Circuit state per API origin: 0 closed, 1 open, 2 half-open"),
+            &["origin"],
+        )
+        .unwrap_or_else(|e| unreachable!("{e}"));
+        registry.register(Box::new(circuit_state.clone())).unwrap_or_else(|e| unreachable!("{e}"));
         Metrics {
+            circuit_state,
             registry,
             decisions,
             decision_latency,
@@ -82,6 +90,22 @@ impl Metrics {
     pub fn rule(&self, rule: &str, outcome: &str, latency: Duration) {
         self.rule_outcomes.with_label_values(&[rule, outcome]).inc();
         self.rule_latency.with_label_values(&[rule]).observe(latency.as_secs_f64());
+    }
+
+    /// Records a circuit state change.
+    pub fn circuit(&self, t: &crate::engine::breaker::Transition) {
+        use crate::engine::breaker::Transition;
+        match t {
+            Transition::Opened(o) => self.circuit_state.with_label_values(&[o]).set(1),
+            Transition::Closed(o) => self.circuit_state.with_label_values(&[o]).set(0),
+        }
+    }
+
+    /// Sets every origin's circuit gauge (at scrape time, so half-open shows).
+    pub fn circuit_states(&self, states: &[(String, crate::engine::breaker::CircuitState)]) {
+        for (origin, state) in states {
+            self.circuit_state.with_label_values(&[origin]).set(state.gauge());
+        }
     }
 
     /// Counts an OAuth token request.

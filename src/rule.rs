@@ -228,6 +228,13 @@ pub struct UrlTemplate {
     query: Option<Template>,
 }
 
+impl UrlTemplate {
+    /// `scheme://host[:port]`, the unit of circuit breaking.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+}
+
 /// A request ready to send (before authentication is applied).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RenderedRequest {

@@ -84,7 +84,7 @@ impl Application {
                 .map_err(|e| StartError::SecretKey(e.to_string()))?,
         );
         let store: Arc<dyn Store> = Arc::new(open_store(&settings, secrets)?);
-        let engine = Arc::new(Engine::new(Catalog::default(), Arc::new(outbound), metrics.clone()));
+        let engine = Arc::new(Engine::new(Catalog::default(), Arc::new(outbound), metrics.clone(), settings.engine));
         let registry = Arc::new(Registry::new(engine.clone(), store.clone(), settings.policies.clone()));
         registry.load_store().await.map_err(|e| StartError::Store(e.to_string()))?;
         let files = registry.load_files().await.map_err(StartError::PolicyFiles)?;

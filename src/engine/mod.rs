@@ -5,6 +5,8 @@
 //! Architecture Invariant: a decision never reads the store; the catalog is swapped
 //! whole when rules or policies change.
 
+pub mod breaker;
+pub mod cache;
 mod verify;
 
 use std::sync::Arc;
@@ -19,7 +21,9 @@ use crate::context::RequestContext;
 use crate::metrics::Metrics;
 use crate::outbound::{ApiResponse, CallMode, Outbound, RequestView};
 use crate::policy::{Catalog, Policy};
-use crate::rule::{Effect, Rule};
+use crate::rule::{Effect, RenderedRequest, Rule};
+use breaker::{Admission, BreakerConfig, Breakers, CircuitState, Transition};
+use cache::{CacheKey, CachedOutcome, DecisionCache};
 
 /// The outcome of one rule evaluation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -101,17 +105,57 @@ impl Evaluation {
     }
 }
 
+/// Engine limits.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// Most outcomes the decision cache holds.
+    pub cache_max_entries: u64,
+    /// Circuit breaker and in-flight limits per API origin.
+    pub breaker: BreakerConfig,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { cache_max_entries: 100_000, breaker: BreakerConfig::default() }
+    }
+}
+
 /// The engine: the current catalog and the way out to the APIs.
 pub struct Engine {
     catalog: ArcSwap<Catalog>,
     outbound: Arc<dyn Outbound>,
     metrics: Arc<Metrics>,
+    cache: DecisionCache,
+    breakers: Breakers,
+    transitions: tokio::sync::broadcast::Sender<Transition>,
 }
 
 impl Engine {
     /// An engine over a catalog.
-    pub fn new(catalog: Catalog, outbound: Arc<dyn Outbound>, metrics: Arc<Metrics>) -> Engine {
-        Engine { catalog: ArcSwap::from_pointee(catalog), outbound, metrics }
+    pub fn new(catalog: Catalog, outbound: Arc<dyn Outbound>, metrics: Arc<Metrics>, config: EngineConfig) -> Engine {
+        Engine {
+            catalog: ArcSwap::from_pointee(catalog),
+            outbound,
+            metrics,
+            cache: DecisionCache::new(config.cache_max_entries),
+            breakers: Breakers::new(config.breaker),
+            transitions: tokio::sync::broadcast::channel(64).0,
+        }
+    }
+
+    /// Circuit state changes, for whoever wants to hear of them (webhooks, logs).
+    pub fn circuit_transitions(&self) -> tokio::sync::broadcast::Receiver<Transition> {
+        self.transitions.subscribe()
+    }
+
+    /// Every API origin seen and its circuit state.
+    pub fn circuit_states(&self) -> Vec<(String, CircuitState)> {
+        self.breakers.states()
+    }
+
+    /// Outcomes held by the decision cache (approximate).
+    pub fn cached_outcomes(&self) -> u64 {
+        self.cache.len()
     }
 
     /// The catalog in force.
@@ -122,6 +166,9 @@ impl Engine {
     /// Replaces the catalog; decisions in flight finish with the one they started with.
     pub fn replace_catalog(&self, catalog: Catalog) {
         self.catalog.store(Arc::new(catalog));
+        // Changes are rare and a rule's outcomes must not outlive its definition
+        // (file rules keep version 1 across reloads), so the whole cache goes.
+        self.cache.clear();
     }
 
     /// Decides a request.
@@ -238,7 +285,109 @@ impl Engine {
         mode: CallMode,
         started: Instant,
     ) -> Evaluation {
-        let mut eval = Evaluation {
+        let request = match rule.render(ctx) {
+            Ok(r) => r,
+            Err(e) => {
+                // A rendering failure is a deny whatever `on_error` says: an attacker
+                // must not turn a refused value into an allow.
+                let mut eval = Evaluation::new();
+                eval.reason = format!("{e}; the API was not called");
+                eval.latency = started.elapsed();
+                return eval;
+            }
+        };
+        if mode == CallMode::Test || rule.cache_ttl.is_zero() {
+            return self.call(rule, &request, mode, started).await;
+        }
+        let key = CacheKey { rule_id: rule.id.clone(), version: rule.version, request: request.clone() };
+        let mut uncached: Option<Evaluation> = None;
+        let init = async {
+            let eval = self.call(rule, &request, mode, started).await;
+            let cacheable = eval.outcome != Outcome::Error;
+            let outcome = CachedOutcome {
+                outcome: eval.outcome,
+                reason: eval.reason.clone(),
+                http_status: eval.http_status,
+                ttl: rule.cache_ttl,
+            };
+            uncached = Some(eval);
+            cacheable.then(|| Arc::new(outcome))
+        };
+        match self.cache.get_or_insert(key, init).await {
+            Some((hit, true)) => Evaluation {
+                outcome: hit.outcome,
+                reason: hit.reason.clone(),
+                http_status: hit.http_status,
+                latency: started.elapsed(),
+                cached: true,
+                ..Evaluation::new()
+            },
+            _ => match uncached {
+                Some(eval) => eval,
+                // Another caller's identical call failed (errors are not cached);
+                // make this one's own call.
+                None => self.call(rule, &request, mode, started).await,
+            },
+        }
+    }
+
+    /// One call through the origin's circuit breaker and in-flight limit, bounded by
+    /// the rule's timeout (which covers the wait for a slot and the token fetch).
+    async fn call(&self, rule: &Rule, request: &RenderedRequest, mode: CallMode, started: Instant) -> Evaluation {
+        let mut eval = Evaluation::new();
+        if mode == CallMode::Test {
+            eval.request = Some(RequestView::new(request, &rule.auth));
+        }
+        let origin_name = rule.url.origin();
+        let origin = self.breakers.origin(origin_name);
+        // Rule tests go through even when the circuit is open: they are how an admin
+        // finds out whether the API is back.
+        let admission = if mode == CallMode::Test { Admission::Call } else { self.breakers.admit(&origin) };
+        if admission == Admission::Reject {
+            eval.latency = started.elapsed();
+            return error(eval, format!("circuit open for {origin_name}: too many consecutive errors; calls fail fast until a probe succeeds"));
+        }
+        let mut guard = self.breakers.probe_guard(&origin, admission);
+        let answer = tokio::time::timeout(rule.timeout, async {
+            let _slot = origin.slots.acquire().await;
+            self.outbound.send(request, &rule.auth, mode).await
+        })
+        .await;
+        eval.latency = started.elapsed();
+        eval = match answer {
+            Err(_) => error(eval, format!("timed out after {} ms", rule.timeout.as_millis())),
+            Ok(Err(e)) => error(eval, e.to_string()),
+            Ok(Ok(response)) => {
+                eval.http_status = Some(response.status);
+                let (outcome, reason, actions) = verify::judge(rule, &response);
+                eval.outcome = outcome;
+                eval.reason = reason;
+                eval.actions = actions;
+                if mode == CallMode::Test {
+                    eval.response = Some(response);
+                }
+                eval
+            }
+        };
+        if mode != CallMode::Test {
+            let transition = self.breakers.record(origin_name, &origin, admission, eval.outcome != Outcome::Error);
+            guard.disarm();
+            if let Some(t) = transition {
+                match &t {
+                    Transition::Opened(o) => tracing::warn!(origin = %o, "circuit opened"),
+                    Transition::Closed(o) => tracing::info!(origin = %o, "circuit closed"),
+                }
+                self.metrics.circuit(&t);
+                let _ = self.transitions.send(t);
+            }
+        }
+        eval
+    }
+}
+
+impl Evaluation {
+    fn new() -> Evaluation {
+        Evaluation {
             outcome: Outcome::Deny,
             reason: String::new(),
             http_status: None,
@@ -247,36 +396,7 @@ impl Engine {
             actions: Vec::new(),
             latency: Duration::ZERO,
             cached: false,
-        };
-        let request = match rule.render(ctx) {
-            Ok(r) => r,
-            Err(e) => {
-                // A rendering failure is a deny whatever `on_error` says: an attacker
-                // must not turn a refused value into an allow.
-                eval.reason = format!("{e}; the API was not called");
-                eval.latency = started.elapsed();
-                return eval;
-            }
-        };
-        if mode == CallMode::Test {
-            eval.request = Some(RequestView::new(&request, &rule.auth));
         }
-        let answer = tokio::time::timeout(rule.timeout, self.outbound.send(&request, &rule.auth, mode)).await;
-        eval.latency = started.elapsed();
-        let response = match answer {
-            Err(_) => return error(eval, format!("timed out after {} ms", rule.timeout.as_millis())),
-            Ok(Err(e)) => return error(eval, e.to_string()),
-            Ok(Ok(r)) => r,
-        };
-        eval.http_status = Some(response.status);
-        let (outcome, reason, actions) = verify::judge(rule, &response);
-        eval.outcome = outcome;
-        eval.reason = reason;
-        eval.actions = actions;
-        if mode == CallMode::Test {
-            eval.response = Some(response);
-        }
-        eval
     }
 }
 
