@@ -1,8 +1,17 @@
 //! Prometheus metrics. Registered once; the hot path only increments.
+//!
+//! The activity log's metrics are not counted here: the group-commit writer keeps its
+//! own counters ([`ActivityWriter::stats`]) and `ActivityCollector` turns a snapshot
+//! of them into metric families at scrape time, so the writer stays free of Prometheus.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{self, MetricFamily, MetricType};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+
+use crate::logs::activity::{ActivityStats, ActivityWriter};
 
 /// All of verdict's metrics.
 pub struct Metrics {
@@ -13,10 +22,6 @@ pub struct Metrics {
     rule_latency: HistogramVec,
     token_fetches: IntCounterVec,
     circuit_state: prometheus::IntGaugeVec,
-    /// Activity-log batch sizes.
-    pub activity_batch_size: HistogramVec,
-    /// Activity entries waiting to be written.
-    pub activity_queue_depth: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -46,32 +51,31 @@ impl Metrics {
             histogram("verdict_rule_latency_seconds", "Rule evaluation latency", &["rule"], LATENCY_BUCKETS.to_vec());
         let token_fetches =
             counter("verdict_oauth_token_fetches_total", "OAuth2 token requests by result", &["result"]);
-        let activity_batch_size = histogram(
-            "verdict_activity_batch_size",
-            "Activity entries per committed batch",
-            &[],
-            vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0],
-        );
-        let activity_queue_depth =
-            IntGauge::new("verdict_activity_queue_depth", "Activity entries waiting to be written")
-                .unwrap_or_else(|e| unreachable!("{e}"));
-        registry.register(Box::new(activity_queue_depth.clone())).unwrap_or_else(|e| unreachable!("{e}"));
+        // Known label values start at zero, so a scrape shows every series (and a rate
+        // can be taken) before the first decision or token fetch.
+        for via in ["api", "forward-auth"] {
+            for decision in ["allow", "deny"] {
+                decisions.with_label_values(&[decision, via]);
+            }
+            decision_latency.with_label_values(&[via]);
+        }
+        for result in ["ok", "error"] {
+            token_fetches.with_label_values(&[result]);
+        }
         let circuit_state = prometheus::IntGaugeVec::new(
             Opts::new("verdict_circuit_state", "Circuit state per API origin: 0 closed, 1 open, 2 half-open"),
             &["origin"],
         )
         .unwrap_or_else(|e| unreachable!("{e}"));
         registry.register(Box::new(circuit_state.clone())).unwrap_or_else(|e| unreachable!("{e}"));
-        Metrics {
-            circuit_state,
-            registry,
-            decisions,
-            decision_latency,
-            rule_outcomes,
-            rule_latency,
-            token_fetches,
-            activity_batch_size,
-            activity_queue_depth,
+        Metrics { circuit_state, registry, decisions, decision_latency, rule_outcomes, rule_latency, token_fetches }
+    }
+
+    /// Exposes the activity writer's batch sizes, queue depth and totals, read at
+    /// scrape time. Call once per writer.
+    pub fn watch_activity(&self, writer: ActivityWriter) {
+        if let Err(e) = self.registry.register(Box::new(ActivityCollector::new(writer))) {
+            tracing::warn!(error = %e, "activity log metrics not registered");
         }
     }
 
@@ -129,5 +133,146 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// Reads [`ActivityWriter::stats`] when Prometheus scrapes.
+struct ActivityCollector {
+    writer: ActivityWriter,
+    descs: Vec<Desc>,
+}
+
+/// Name, help and type of each activity-log family, in output order.
+const ACTIVITY_FAMILIES: [(&str, &str, MetricType); 4] = [
+    (
+        "verdict_activity_batch_size",
+        "Activity entries per batch committed (or failed) in one transaction",
+        MetricType::HISTOGRAM,
+    ),
+    (
+        "verdict_activity_queue_depth",
+        "Activity entries waiting to be written, including decisions waiting for room in the queue",
+        MetricType::GAUGE,
+    ),
+    ("verdict_activity_entries_total", "Activity entries committed", MetricType::COUNTER),
+    ("verdict_activity_failed_batches_total", "Activity batches whose commit failed", MetricType::COUNTER),
+];
+
+impl ActivityCollector {
+    fn new(writer: ActivityWriter) -> ActivityCollector {
+        let descs = ACTIVITY_FAMILIES
+            .iter()
+            .map(|(name, help, _)| {
+                Desc::new((*name).into(), (*help).into(), Vec::new(), HashMap::new())
+                    .unwrap_or_else(|e| unreachable!("metric {name}: {e}"))
+            })
+            .collect();
+        ActivityCollector { writer, descs }
+    }
+}
+
+impl Collector for ActivityCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        activity_families(&self.writer.stats())
+    }
+}
+
+/// The activity log's metric families for one snapshot of the writer's counters.
+fn activity_families(stats: &ActivityStats) -> Vec<MetricFamily> {
+    ACTIVITY_FAMILIES
+        .iter()
+        .map(|&(name, help, kind)| {
+            let mut metric = proto::Metric::default();
+            match kind {
+                MetricType::HISTOGRAM => {
+                    let mut histogram = proto::Histogram::default();
+                    histogram.set_sample_count(stats.batches + stats.failed_batches);
+                    histogram.set_sample_sum(stats.batch_size_sum as f64);
+                    let buckets: Vec<proto::Bucket> = stats
+                        .batch_size_buckets
+                        .iter()
+                        .map(|&(bound, cumulative)| {
+                            let mut bucket = proto::Bucket::default();
+                            bucket.set_upper_bound(bound as f64);
+                            bucket.set_cumulative_count(cumulative);
+                            bucket
+                        })
+                        .collect();
+                    histogram.set_bucket(buckets);
+                    metric.set_histogram(histogram);
+                }
+                MetricType::GAUGE => {
+                    let mut gauge = proto::Gauge::default();
+                    gauge.set_value(stats.queue_depth as f64);
+                    metric.set_gauge(gauge);
+                }
+                _ => {
+                    let value =
+                        if name == "verdict_activity_entries_total" { stats.entries } else { stats.failed_batches };
+                    let mut counter = proto::Counter::default();
+                    counter.set_value(value as f64);
+                    metric.set_counter(counter);
+                }
+            }
+            let mut family = MetricFamily::default();
+            family.set_name(name.into());
+            family.set_help(help.into());
+            family.set_field_type(kind);
+            family.set_metric(vec![metric]);
+            family
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logs::activity::BATCH_SIZE_BUCKETS;
+
+    #[test]
+    fn activity_stats_render_as_prometheus_families() {
+        let stats = ActivityStats {
+            queue_depth: 3,
+            accepted: 10,
+            batches: 3,
+            entries: 7,
+            failed_batches: 1,
+            last_batch_size: 2,
+            batch_size_buckets: BATCH_SIZE_BUCKETS
+                .iter()
+                .map(|&b| {
+                    let cumulative = match b {
+                        1 => 1,
+                        2 | 4 => 2,
+                        _ => 4,
+                    };
+                    (b, cumulative)
+                })
+                .collect(),
+            batch_size_sum: 10,
+        };
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&activity_families(&stats), &mut buf).unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        for line in [
+            "# TYPE verdict_activity_batch_size histogram",
+            "verdict_activity_batch_size_bucket{le=\"1\"} 1",
+            "verdict_activity_batch_size_bucket{le=\"4\"} 2",
+            "verdict_activity_batch_size_bucket{le=\"8\"} 4",
+            "verdict_activity_batch_size_bucket{le=\"+Inf\"} 4",
+            "verdict_activity_batch_size_sum 10",
+            "verdict_activity_batch_size_count 4",
+            "# TYPE verdict_activity_queue_depth gauge",
+            "verdict_activity_queue_depth 3",
+            "# TYPE verdict_activity_entries_total counter",
+            "verdict_activity_entries_total 7",
+            "verdict_activity_failed_batches_total 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
+        }
     }
 }

@@ -95,6 +95,7 @@ impl Application {
             TcpListener::bind(&settings.listen).map_err(|e| StartError::Listen(settings.listen.clone(), e))?;
         let port = listener.local_addr().map_err(|e| StartError::Listen(settings.listen.clone(), e))?.port();
         let activity = ActivityWriter::start(store.clone(), ActivityWriterConfig::default());
+        metrics.watch_activity(activity.clone());
         spawn_retention(store.clone(), settings.activity_retention_days, std::time::Duration::from_secs(3600));
         let state = web::Data::new(AppState { settings, tokens, engine, registry, metrics, store, activity });
         let server_state = state.clone();
@@ -102,7 +103,9 @@ impl Application {
             .listen(listener)
             .map_err(|e| StartError::Listen("listener".into(), e))?
             .shutdown_timeout(30)
+            .disable_signals()
             .run();
+        spawn_stop_on_signal(server.handle());
         spawn_reload_on_sighup(state.registry.clone());
         Ok(Application { port, server, state })
     }
@@ -145,6 +148,26 @@ fn open_store(settings: &Settings, secrets: Arc<SecretBox>) -> Result<SqliteStor
     };
     std::fs::create_dir_all(&dir).map_err(|e| StartError::DataDir(dir.display().to_string(), e))?;
     SqliteStore::open(&dir, secrets).map_err(|e| StartError::Store(e.to_string()))
+}
+
+/// Stops gracefully on SIGTERM and SIGINT (SPEC §1): no new connections, requests in
+/// flight finish, then `run_until_stopped` flushes the activity log. actix's own
+/// handling force-stops on SIGINT, dropping decisions in flight, hence this.
+fn spawn_stop_on_signal(server: actix_web::dev::ServerHandle) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::error!("cannot listen for SIGTERM/SIGINT; stop verdict with SIGKILL");
+            return;
+        };
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "stopping: no new connections, finishing requests in flight");
+        server.stop(true).await;
+    });
 }
 
 fn spawn_reload_on_sighup(registry: Arc<Registry>) {

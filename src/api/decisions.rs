@@ -19,6 +19,21 @@ fn context_error(e: ContextError) -> ApiError {
 }
 
 /// `POST /v1/decisions`.
+#[utoipa::path(
+    post,
+    path = "/v1/decisions",
+    tag = "decisions",
+    request_body(content = ContextInput, description = "the request context (SPEC §3); `application` is required"),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "the decision, allow or deny, with its reason; answered once its activity entry is durable", body = Decision),
+        (status = 400, description = "malformed context", body = crate::api::error::ErrorBody),
+        (status = 401, description = "no or an unknown token", body = crate::api::error::ErrorBody),
+        (status = 403, description = "the token's role may not ask for decisions", body = crate::api::error::ErrorBody),
+        (status = 413, description = "body over the limit", body = crate::api::error::ErrorBody),
+        (status = 503, description = "the activity entry could not be recorded; no decision is given", body = crate::api::error::ErrorBody),
+    )
+)]
 pub async fn decide(
     req: HttpRequest,
     payload: web::Payload,
@@ -34,6 +49,25 @@ pub async fn decide(
 }
 
 /// Any method `/v1/forward-auth`: context from headers, 200 allow / 403 deny.
+#[utoipa::path(
+    method(get, post, put, delete, patch, head, options),
+    path = "/v1/forward-auth",
+    tag = "decisions",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "allow; `{\"decision_id\", \"decision\", \"reason\"}`", headers(
+            ("X-Verdict-Decision-Id" = String, description = "the decision's id in the activity log"),
+            ("X-Verdict-Reason" = String, description = "why"),
+        )),
+        (status = 403, description = "deny (same body and headers as allow), or the token's role may not ask for decisions (error body)", headers(
+            ("X-Verdict-Decision-Id" = String, description = "the decision's id in the activity log"),
+            ("X-Verdict-Reason" = String, description = "why"),
+        )),
+        (status = 400, description = "a header that cannot be read as context (e.g. an unparsable certificate)", body = crate::api::error::ErrorBody),
+        (status = 401, description = "no or an unknown token", body = crate::api::error::ErrorBody),
+        (status = 503, description = "the activity entry could not be recorded; no decision is given", body = crate::api::error::ErrorBody),
+    )
+)]
 pub async fn forward_auth(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     require(&req, &state, &[Role::Proxy, Role::Admin])?;
     let started = Instant::now();

@@ -6,6 +6,7 @@ pub mod decisions;
 pub mod error;
 pub mod extract;
 pub mod logs;
+pub mod openapi;
 pub mod system;
 
 use std::sync::Arc;
@@ -38,7 +39,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/parameters", web::get().to(system::parameters))
         .route("/healthz", web::get().to(system::healthz))
         .route("/readyz", web::get().to(system::readyz))
-        .route("/metrics", web::get().to(system::metrics));
+        .route("/metrics", web::get().to(system::metrics))
+        .route("/openapi.json", web::get().to(openapi::openapi_json));
     admin::routes(cfg);
     logs::routes(cfg);
 }

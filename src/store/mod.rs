@@ -125,7 +125,7 @@ pub enum Change {
 }
 
 /// What an audit entry records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AuditAction {
     /// An object was created.
@@ -190,7 +190,7 @@ pub struct AuditDraft {
 }
 
 /// One entry of the audit log's hash chain (SPEC §8).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     /// Position in the chain, from 1, without gaps.
     pub seq: i64,
@@ -205,8 +205,10 @@ pub struct AuditEntry {
     /// The object's id, or the file name.
     pub object_id: String,
     /// The object before the change (secrets masked).
+    #[schema(value_type = Option<Object>)]
     pub before: Option<Value>,
     /// The object after the change (secrets masked).
+    #[schema(value_type = Option<Object>)]
     pub after: Option<Value>,
     /// `hash` of the previous entry; 64 zeros for the first.
     pub prev_hash: String,
@@ -215,7 +217,7 @@ pub struct AuditEntry {
 }
 
 /// One decision as recorded in the activity log (SPEC §8).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ActivityEntry {
     /// Unique per decision; inserting it twice keeps the first.
     pub decision_id: String,
@@ -234,8 +236,10 @@ pub struct ActivityEntry {
     /// Why.
     pub reason: String,
     /// As in the decision answer.
+    #[schema(value_type = Vec<Object>)]
     pub policies: Value,
     /// As in the decision answer: an array of objects each with a `rule_id`.
+    #[schema(value_type = Vec<Object>)]
     pub rules: Value,
     /// Time the decision took.
     pub latency_ms: f64,
@@ -307,7 +311,7 @@ impl Default for Page {
 }
 
 /// One page of a listing; serializes as `{"items": [...], "next_cursor": ...}`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Listing<T> {
     /// The rows, newest first.
     pub items: Vec<T>,

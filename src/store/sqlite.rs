@@ -793,7 +793,9 @@ impl Store for SqliteStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.read(|conn| {
-            conn.query_row("SELECT 1", [], |row| row.get::<_, i64>(0)).map_err(db_err)?;
+            // `SELECT 1` never touches the file; reading the schema takes a read
+            // transaction and page 1, so a locked, unreadable or corrupt file fails here.
+            conn.query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get::<_, i64>(0)).map_err(db_err)?;
             Ok(())
         })
         .await
