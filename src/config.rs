@@ -212,6 +212,15 @@ impl Settings {
             s.max_response_bytes = o.max_response_bytes.unwrap_or(s.max_response_bytes);
             s.follow_redirects = o.follow_redirects.unwrap_or(false);
         }
+        if let Some(b) = file.circuit_breaker {
+            let breaker = &mut s.engine.breaker;
+            breaker.failures = b.failures.unwrap_or(breaker.failures).max(1);
+            breaker.cooldown = b.cooldown_s.map(std::time::Duration::from_secs).unwrap_or(breaker.cooldown);
+            breaker.max_in_flight = b.max_in_flight.unwrap_or(breaker.max_in_flight).max(1);
+        }
+        if let Some(c) = file.decision_cache {
+            s.engine.cache_max_entries = c.max_entries.unwrap_or(s.engine.cache_max_entries);
+        }
         s.tokens =
             file.tokens.into_iter().map(|t| TokenEntry { name: t.name, role: t.role, sha256: t.sha256 }).collect();
         for (var, name, role) in [
@@ -237,4 +246,25 @@ pub fn host_name() -> String {
         .filter(|s| !s.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "verdict".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn breaker_and_cache_settings_come_from_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("verdict.toml");
+        std::fs::write(
+            &path,
+            "[circuit_breaker]\nfailures = 3\ncooldown_s = 7\nmax_in_flight = 9\n[decision_cache]\nmax_entries = 42\n",
+        )
+        .expect("write config");
+        let s = Settings::resolve(ServeArgs { config: Some(path), ..Default::default() }).expect("resolve");
+        assert_eq!(s.engine.breaker.failures, 3);
+        assert_eq!(s.engine.breaker.cooldown, std::time::Duration::from_secs(7));
+        assert_eq!(s.engine.breaker.max_in_flight, 9);
+        assert_eq!(s.engine.cache_max_entries, 42);
+    }
 }

@@ -98,7 +98,7 @@ impl HttpOutbound {
             })
             .user_agent(concat!("verdict/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(HttpOutbound { tokens: TokenCache::new(client.clone(), metrics), client, config })
+        Ok(HttpOutbound { tokens: TokenCache::new(client.clone(), metrics, config.max_response_bytes), client, config })
     }
 
     async fn send_once(
@@ -151,19 +151,24 @@ impl HttpOutbound {
             .iter()
             .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
             .collect();
-        let cap = self.config.max_response_bytes;
-        if resp.content_length().is_some_and(|n| n > cap as u64) {
+        let body = read_capped(&mut resp, self.config.max_response_bytes).await?;
+        Ok(ApiResponse { status, headers, body })
+    }
+}
+
+/// Reads an answer body, refusing one larger than `cap` bytes (announced or streamed).
+pub(crate) async fn read_capped(resp: &mut reqwest::Response, cap: usize) -> Result<bytes::Bytes, CallError> {
+    if resp.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(CallError::BodyTooLarge(cap));
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = resp.chunk().await.map_err(describe)? {
+        if body.len() + chunk.len() > cap {
             return Err(CallError::BodyTooLarge(cap));
         }
-        let mut body = bytes::BytesMut::new();
-        while let Some(chunk) = resp.chunk().await.map_err(describe)? {
-            if body.len() + chunk.len() > cap {
-                return Err(CallError::BodyTooLarge(cap));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(ApiResponse { status, headers, body: body.freeze() })
+        body.extend_from_slice(&chunk);
     }
+    Ok(body.freeze())
 }
 
 #[async_trait]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use oauth2::basic::BasicTokenResponse;
 use oauth2::TokenResponse as _;
 
-use super::{describe, CallError};
+use super::{describe, read_capped, CallError};
 use crate::metrics::Metrics;
 use crate::rule::OAuthClient;
 use crate::secret::Secret;
@@ -33,11 +33,13 @@ pub struct TokenCache {
     client: reqwest::Client,
     slots: Mutex<HashMap<OAuthClient, Slot>>,
     metrics: Arc<Metrics>,
+    /// Largest token answer read (the outbound body cap).
+    max_bytes: usize,
 }
 
 impl TokenCache {
-    pub(super) fn new(client: reqwest::Client, metrics: Arc<Metrics>) -> TokenCache {
-        TokenCache { client, slots: Mutex::new(HashMap::new()), metrics }
+    pub(super) fn new(client: reqwest::Client, metrics: Arc<Metrics>, max_bytes: usize) -> TokenCache {
+        TokenCache { client, slots: Mutex::new(HashMap::new()), metrics, max_bytes }
     }
 
     /// A valid token for `oauth`. With `stale`, a cached token equal to it is not
@@ -82,13 +84,13 @@ impl TokenCache {
             req = req.basic_auth(&oauth.client_id, Some(oauth.client_secret.expose()));
         }
         let result = async {
-            let resp = req
+            let mut resp = req
                 .header("accept", "application/json")
                 .send()
                 .await
                 .map_err(|e| CallError::Token(describe(e).to_string()))?;
             let status = resp.status();
-            let body = resp.bytes().await.map_err(|e| CallError::Token(describe(e).to_string()))?;
+            let body = read_capped(&mut resp, self.max_bytes).await.map_err(|e| CallError::Token(e.to_string()))?;
             if !status.is_success() {
                 // Only the standard `error` code is repeated: the body could echo input.
                 let code = serde_json::from_slice::<serde_json::Value>(&body)
