@@ -108,7 +108,9 @@ fn non_empty(v: Option<String>) -> Option<String> {
 /// `cert_*` values. Only the first certificate of a chain is used.
 pub fn parse_certificate(text: &str) -> Result<CertInfo, ContextError> {
     let unescaped;
-    let text = if text.contains("-----BEGIN") {
+    // A PEM never holds `%`; the escaped form always does (`BEGIN%20CERTIFICATE`: nginx
+    // keeps letters and `-`, so "-----BEGIN" alone does not tell the forms apart).
+    let text = if !text.contains('%') {
         text
     } else {
         // `$ssl_client_escaped_cert` percent-encodes spaces and newlines; `+` is a
