@@ -106,7 +106,11 @@ impl Param {
             Param::CertThumbprint256 => cert().map(|c| Value::Str(Cow::Borrowed(&c.sha256))),
             Param::CertThumbprint256Upper => cert().map(|c| Value::Str(Cow::Owned(c.sha256.to_ascii_uppercase()))),
             Param::CertName => cert().and_then(|c| c.common_name.as_deref()).map(|n| Value::Str(Cow::Borrowed(n))),
-            Param::CertAltName => cert().filter(|c| !c.alt_names.is_empty()).map(|c| Value::List(&c.alt_names)),
+            // Joined text even as a whole JSON leaf: only `%groups%` and
+            // `%group_names%` become arrays (SPEC §3).
+            Param::CertAltName => {
+                cert().filter(|c| !c.alt_names.is_empty()).map(|c| Value::Str(Cow::Owned(c.alt_names.join(","))))
+            }
             Param::Header(name) => ctx.headers.get(name).map(|v| Value::Str(Cow::Borrowed(v.as_str()))),
         }
     }

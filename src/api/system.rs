@@ -32,6 +32,10 @@ pub struct Readiness {
     pub ready: bool,
     /// Each check.
     pub checks: ReadinessChecks,
+    /// Every rule API origin seen and its circuit state (`closed`, `open`,
+    /// `half_open`). Informational: an open circuit to a third-party API does not
+    /// make verdict unready, its rules fail fast with their `on_error`.
+    pub circuits: Vec<CircuitReport>,
 }
 
 /// The checks behind readiness.
@@ -53,6 +57,16 @@ pub struct Check {
 }
 
 /// Readiness from the outcome of each check.
+/// One origin's circuit in `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct CircuitReport {
+    /// `scheme://host:port` of a rule API.
+    pub origin: String,
+    /// `closed`, `open` or `half_open`.
+    pub state: String,
+}
+
+/// Readiness from the store ping and the policy-file state (circuits are added by the caller).
 pub fn readiness(store: Result<(), StoreError>, files_loaded: bool) -> Readiness {
     let store = match store {
         Ok(()) => Check { ok: true, detail: "the store answered".into() },
@@ -63,7 +77,11 @@ pub fn readiness(store: Result<(), StoreError>, files_loaded: bool) -> Readiness
     } else {
         Check { ok: false, detail: "policy files are not loaded".into() }
     };
-    Readiness { ready: store.ok && policy_files.ok, checks: ReadinessChecks { store, policy_files } }
+    Readiness {
+        ready: store.ok && policy_files.ok,
+        checks: ReadinessChecks { store, policy_files },
+        circuits: Vec::new(),
+    }
 }
 
 /// Liveness: the process answers. Needs no token.
@@ -94,7 +112,13 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
             Err(StoreError::Unavailable(format!("the store did not answer within {} s", STORE_PING_TIMEOUT.as_secs())))
         }
     };
-    let ready = readiness(ping, state.registry.files_loaded());
+    let mut ready = readiness(ping, state.registry.files_loaded());
+    ready.circuits = state
+        .engine
+        .circuit_states()
+        .into_iter()
+        .map(|(origin, s)| CircuitReport { origin, state: s.as_str().to_owned() })
+        .collect();
     let status = if ready.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     HttpResponse::build(status).json(ready)
 }

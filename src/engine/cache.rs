@@ -15,6 +15,9 @@ use crate::rule::RenderedRequest;
 /// What identifies a cached outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey {
+    /// The catalog generation: a rule reloaded from a file keeps version 1, and a
+    /// call in flight during a reload must not store an outcome the new rule reuses.
+    pub generation: u64,
     pub rule_id: String,
     pub version: i64,
     pub request: RenderedRequest,

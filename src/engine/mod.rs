@@ -128,6 +128,7 @@ pub struct Engine {
     cache: DecisionCache,
     breakers: Breakers,
     transitions: tokio::sync::broadcast::Sender<Transition>,
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Engine {
@@ -140,6 +141,7 @@ impl Engine {
             cache: DecisionCache::new(config.cache_max_entries),
             breakers: Breakers::new(config.breaker),
             transitions: tokio::sync::broadcast::channel(64).0,
+            generation: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -166,6 +168,7 @@ impl Engine {
     /// Replaces the catalog; decisions in flight finish with the one they started with.
     pub fn replace_catalog(&self, catalog: Catalog) {
         self.catalog.store(Arc::new(catalog));
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         // Changes are rare and a rule's outcomes must not outlive its definition
         // (file rules keep version 1 across reloads), so the whole cache goes.
         self.cache.clear();
@@ -299,7 +302,12 @@ impl Engine {
         if mode == CallMode::Test || rule.cache_ttl.is_zero() {
             return self.call(rule, &request, mode, started).await;
         }
-        let key = CacheKey { rule_id: rule.id.clone(), version: rule.version, request: request.clone() };
+        let key = CacheKey {
+            generation: self.generation.load(std::sync::atomic::Ordering::Acquire),
+            rule_id: rule.id.clone(),
+            version: rule.version,
+            request: request.clone(),
+        };
         let mut uncached: Option<Evaluation> = None;
         let init = async {
             let eval = self.call(rule, &request, mode, started).await;

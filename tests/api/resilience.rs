@@ -474,6 +474,21 @@ async fn the_circuit_opens_after_consecutive_errors_and_fails_fast_for_that_orig
     }
     let m = metrics(&app).await;
     assert_ne!(circuit_state(&m, &healthy.uri()).as_deref(), Some("1"), "{m}");
+
+    // /readyz shows each origin's circuit; an open one does not make verdict unready.
+    let ready = app.client.get(format!("{}/readyz", app.address)).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+    let ready: Value = ready.json().await.unwrap();
+    let state_of = |origin: String| {
+        ready["circuits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["origin"] == origin.as_str())
+            .map(|c| c["state"].clone())
+    };
+    assert_eq!(state_of(flaky.uri()), Some(json!("open")), "{ready}");
+    assert_eq!(state_of(healthy.uri()), Some(json!("closed")), "{ready}");
 }
 
 #[tokio::test]
