@@ -16,6 +16,7 @@ use crate::policy::Catalog;
 use crate::policy_files::FileProblem;
 use crate::registry::Registry;
 use crate::secrets::SecretBox;
+use crate::store::spool::SpoolingStore;
 use crate::store::{SqliteStore, Store};
 use crate::tokens::{self, TokenSet};
 
@@ -83,7 +84,12 @@ impl Application {
             SecretBox::load_or_create(&data_dir, secret_key.as_deref())
                 .map_err(|e| StartError::SecretKey(e.to_string()))?,
         );
-        let store: Arc<dyn Store> = Arc::new(open_store(&settings, secrets)?);
+        let backend: Arc<dyn Store> = Arc::new(open_store(&settings, secrets)?);
+        // Activity entries that cannot reach the store are spooled in the data
+        // directory and written back in order when it answers again.
+        let spool = Arc::new(SpoolingStore::new(backend, &data_dir).map_err(|e| StartError::Store(e.to_string()))?);
+        spool.spawn_drainer(std::time::Duration::from_secs(1));
+        let store: Arc<dyn Store> = spool;
         let engine = Arc::new(Engine::new(Catalog::default(), Arc::new(outbound), metrics.clone(), settings.engine));
         let registry = Arc::new(Registry::new(engine.clone(), store.clone(), settings.policies.clone()));
         registry.load_store().await.map_err(|e| StartError::Store(e.to_string()))?;

@@ -16,6 +16,7 @@
 //! - `Page::limit` is clamped to `1..=1000` ([`Page::MAX_LIMIT`]); the API layer rejects
 //!   out-of-range values before they get here.
 
+pub mod spool;
 pub mod sqlite;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,310 @@
+//! Decisions go on when the database goes away: [`SpoolingStore`] wraps a store and,
+//! when writing an activity batch fails because the store is unavailable, appends the
+//! batch to a spool file in the data directory (fsynced, so still durable before the
+//! answer) instead. A background task writes the spool to the store, in order, when it
+//! answers again; entries are idempotent per `decision_id`, so a replay interrupted by
+//! a crash and repeated inserts each entry exactly once.
+//!
+//! Architecture Invariant: while the spool holds entries, new batches go to the spool
+//! too, so the store receives activity entries in the order they were answered.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+use tokio::sync::Mutex;
+
+use super::{
+    ActivityEntry, ActivityFilter, AuditDraft, AuditEntry, AuditFilter, Change, Listing, Page, Store, StoreError,
+    StoredObject, VerifyResult,
+};
+
+/// File name of the spool in the data directory.
+pub const SPOOL_FILE_NAME: &str = "activity-spool.jsonl";
+
+/// Entries written back per store transaction while draining.
+const REPLAY_CHUNK: usize = 500;
+
+/// A store whose activity writes survive the store being unavailable.
+pub struct SpoolingStore {
+    inner: Arc<dyn Store>,
+    path: PathBuf,
+    /// Serializes spool appends and drains; holds the number of spooled entries.
+    spooled: Mutex<u64>,
+    /// Spooled entries, readable without the lock (metrics, readiness).
+    depth: AtomicU64,
+}
+
+impl SpoolingStore {
+    /// Wraps `inner`, spooling to `data_dir/activity-spool.jsonl`. Entries left in
+    /// the spool by an earlier run are counted and drained by [`SpoolingStore::drain`].
+    pub fn new(inner: Arc<dyn Store>, data_dir: &Path) -> Result<SpoolingStore, StoreError> {
+        let path = data_dir.join(SPOOL_FILE_NAME);
+        let existing = read_spool(&path)?.len() as u64;
+        Ok(SpoolingStore { inner, path, spooled: Mutex::new(existing), depth: AtomicU64::new(existing) })
+    }
+
+    /// Entries waiting in the spool.
+    pub fn depth(&self) -> u64 {
+        self.depth.load(Ordering::Relaxed)
+    }
+
+    /// Writes spooled entries to the store, in order. Returns how many were written;
+    /// stops at the first failure and keeps the rest.
+    pub async fn drain(&self) -> Result<u64, StoreError> {
+        let mut spooled = self.spooled.lock().await;
+        if *spooled == 0 {
+            return Ok(0);
+        }
+        let entries = read_spool(&self.path)?;
+        let mut written = 0usize;
+        for chunk in entries.chunks(REPLAY_CHUNK) {
+            if let Err(e) = self.inner.insert_activity(chunk).await {
+                if written > 0 {
+                    rewrite_spool(&self.path, entries.get(written..).unwrap_or_default())?;
+                }
+                *spooled = (entries.len() - written) as u64;
+                self.depth.store(*spooled, Ordering::Relaxed);
+                return Err(e);
+            }
+            written += chunk.len();
+        }
+        rewrite_spool(&self.path, &[])?;
+        *spooled = 0;
+        self.depth.store(0, Ordering::Relaxed);
+        tracing::info!(entries = written, "activity spool written to the store");
+        Ok(written as u64)
+    }
+
+    /// Drains the spool every `every` until the process ends.
+    pub fn spawn_drainer(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if this.depth() > 0 {
+                    if let Err(e) = this.drain().await {
+                        tracing::debug!(error = %e, spooled = this.depth(), "store still unavailable; activity stays spooled");
+                    }
+                }
+            }
+        })
+    }
+}
+
+fn spool_error(e: std::io::Error) -> StoreError {
+    StoreError::Internal(format!("activity spool: {e}"))
+}
+
+/// Reads the spool; a torn last line (a crash mid-append, never acknowledged) is skipped.
+fn read_spool(path: &Path) -> Result<Vec<ActivityEntry>, StoreError> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(spool_error(e)),
+    };
+    let mut out = Vec::new();
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line.map_err(spool_error)?;
+        match serde_json::from_str::<ActivityEntry>(&line) {
+            Ok(entry) => out.push(entry),
+            Err(_) if line.trim().is_empty() => {}
+            Err(e) => tracing::warn!(error = %e, "skipping an unreadable activity spool line"),
+        }
+    }
+    Ok(out)
+}
+
+fn append_spool(path: &Path, batch: &[ActivityEntry]) -> Result<(), StoreError> {
+    let mut text = String::new();
+    for entry in batch {
+        text.push_str(&serde_json::to_string(entry).map_err(|e| StoreError::Internal(e.to_string()))?);
+        text.push('\n');
+    }
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(spool_error)?;
+    file.write_all(text.as_bytes()).map_err(spool_error)?;
+    file.sync_all().map_err(spool_error)
+}
+
+/// Replaces the spool's content atomically (write a temp file, fsync, rename).
+fn rewrite_spool(path: &Path, rest: &[ActivityEntry]) -> Result<(), StoreError> {
+    let tmp = path.with_extension("jsonl.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    append_spool(&tmp, rest)?;
+    std::fs::rename(&tmp, path).map_err(spool_error)?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SpoolingStore {
+    async fn load_all(&self) -> Result<Vec<StoredObject>, StoreError> {
+        self.inner.load_all().await
+    }
+
+    async fn commit(&self, changes: Vec<Change>, audit: Vec<AuditDraft>) -> Result<Vec<AuditEntry>, StoreError> {
+        self.inner.commit(changes, audit).await
+    }
+
+    async fn last_file_hash(&self, file: &str) -> Result<Option<String>, StoreError> {
+        self.inner.last_file_hash(file).await
+    }
+
+    async fn list_audit(&self, filter: &AuditFilter, page: &Page) -> Result<Listing<AuditEntry>, StoreError> {
+        self.inner.list_audit(filter, page).await
+    }
+
+    async fn verify_audit(&self) -> Result<VerifyResult, StoreError> {
+        self.inner.verify_audit().await
+    }
+
+    async fn insert_activity(&self, batch: &[ActivityEntry]) -> Result<(), StoreError> {
+        let mut spooled = self.spooled.lock().await;
+        if *spooled == 0 {
+            match self.inner.insert_activity(batch).await {
+                Err(StoreError::Unavailable(reason)) => {
+                    tracing::warn!(%reason, entries = batch.len(), "store unavailable; spooling activity entries");
+                }
+                other => return other,
+            }
+        }
+        let path = self.path.clone();
+        let owned = batch.to_vec();
+        tokio::task::spawn_blocking(move || append_spool(&path, &owned))
+            .await
+            .map_err(|e| StoreError::Internal(format!("activity spool task: {e}")))??;
+        *spooled += batch.len() as u64;
+        self.depth.store(*spooled, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn list_activity(&self, filter: &ActivityFilter, page: &Page) -> Result<Listing<ActivityEntry>, StoreError> {
+        self.inner.list_activity(filter, page).await
+    }
+
+    async fn prune_activity(&self, older_than: OffsetDateTime) -> Result<u64, StoreError> {
+        self.inner.prune_activity(older_than).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    /// A store that is up or down at the test's command and remembers inserts.
+    #[derive(Default)]
+    struct Flaky {
+        down: AtomicBool,
+        fail_with: std::sync::Mutex<Option<StoreError>>,
+        inserted: std::sync::Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl Store for Flaky {
+        async fn load_all(&self) -> Result<Vec<StoredObject>, StoreError> {
+            Ok(Vec::new())
+        }
+        async fn commit(&self, _: Vec<Change>, _: Vec<AuditDraft>) -> Result<Vec<AuditEntry>, StoreError> {
+            Ok(Vec::new())
+        }
+        async fn last_file_hash(&self, _: &str) -> Result<Option<String>, StoreError> {
+            Ok(None)
+        }
+        async fn list_audit(&self, _: &AuditFilter, _: &Page) -> Result<Listing<AuditEntry>, StoreError> {
+            Ok(Listing { items: Vec::new(), next_cursor: None })
+        }
+        async fn verify_audit(&self) -> Result<VerifyResult, StoreError> {
+            Ok(VerifyResult::Ok { entries: 0 })
+        }
+        async fn insert_activity(&self, batch: &[ActivityEntry]) -> Result<(), StoreError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("down".into()));
+            }
+            if let Some(e) = self.fail_with.lock().unwrap().clone() {
+                return Err(e);
+            }
+            let mut inserted = self.inserted.lock().unwrap();
+            for e in batch {
+                if !inserted.contains(&e.decision_id) {
+                    inserted.push(e.decision_id.clone());
+                }
+            }
+            Ok(())
+        }
+        async fn list_activity(&self, _: &ActivityFilter, _: &Page) -> Result<Listing<ActivityEntry>, StoreError> {
+            Ok(Listing { items: Vec::new(), next_cursor: None })
+        }
+        async fn prune_activity(&self, _: OffsetDateTime) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    fn entry(id: &str) -> ActivityEntry {
+        ActivityEntry {
+            decision_id: id.into(),
+            time: "2026-11-23T10:00:00.000000Z".into(),
+            application: "app".into(),
+            username: None,
+            remote_ip: None,
+            device_id: None,
+            decision: "deny".into(),
+            reason: "r".into(),
+            policies: serde_json::json!([]),
+            rules: serde_json::json!([]),
+            latency_ms: 1.0,
+            via: "api".into(),
+            replica: "a".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn spools_while_down_and_drains_in_order_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let flaky = Arc::new(Flaky::default());
+        let store = SpoolingStore::new(flaky.clone(), dir.path()).unwrap();
+        store.insert_activity(&[entry("1")]).await.unwrap();
+        flaky.down.store(true, Ordering::SeqCst);
+        store.insert_activity(&[entry("2"), entry("3")]).await.unwrap();
+        flaky.down.store(false, Ordering::SeqCst);
+        // The store is back, but the spool is not empty: order wins, this one queues.
+        store.insert_activity(&[entry("4")]).await.unwrap();
+        assert_eq!(store.depth(), 3);
+        assert_eq!(*flaky.inserted.lock().unwrap(), vec!["1"]);
+        // A restart finds the spool where it was.
+        let store = SpoolingStore::new(flaky.clone(), dir.path()).unwrap();
+        assert_eq!(store.depth(), 3);
+        assert_eq!(store.drain().await.unwrap(), 3);
+        assert_eq!(*flaky.inserted.lock().unwrap(), vec!["1", "2", "3", "4"]);
+        assert_eq!(store.depth(), 0);
+        // Draining again changes nothing; replays are idempotent per decision_id anyway.
+        assert_eq!(store.drain().await.unwrap(), 0);
+        store.insert_activity(&[entry("5")]).await.unwrap();
+        assert_eq!(flaky.inserted.lock().unwrap().len(), 5);
+    }
+
+    #[tokio::test]
+    async fn other_errors_are_not_spooled() {
+        let dir = tempfile::tempdir().unwrap();
+        let flaky = Arc::new(Flaky::default());
+        *flaky.fail_with.lock().unwrap() = Some(StoreError::Internal("bad row".into()));
+        let store = SpoolingStore::new(flaky, dir.path()).unwrap();
+        assert!(store.insert_activity(&[entry("1")]).await.is_err());
+        assert_eq!(store.depth(), 0);
+    }
+}
