@@ -95,37 +95,43 @@ impl Registry {
         &self.store
     }
 
-    /// Reads the API-managed objects from the store (at start). Objects that no longer
-    /// compile (a newer version wrote them) are skipped with an error in the log.
+    /// Reads every API-managed object from the store and replaces the API part of
+    /// the object set (at start, and when another replica's changes may have been
+    /// missed). Objects that no longer compile are skipped with an error in the log.
     pub async fn load_store(&self) -> Result<(), StoreError> {
         let stored = self.store.load_all().await?;
         let mut guard = self.objects.lock().await;
         let mut next = guard.clone();
-        for obj in stored {
-            match obj.kind {
-                ObjectKind::Rule => match rule_from_store(&obj) {
-                    Ok(rule) => {
-                        next.api_rules.insert(rule.id.clone(), Arc::new(rule));
-                    }
-                    Err(problems) => {
-                        tracing::error!(rule = %obj.id, ?problems, "stored rule does not compile; skipped")
-                    }
-                },
-                ObjectKind::Policy => match policy_from_store(&obj) {
-                    Ok(p) => {
-                        next.api_policies.insert(p.id.clone(), Arc::new(p));
-                    }
-                    Err(problems) => {
-                        tracing::error!(policy = %obj.id, ?problems, "stored policy does not compile; skipped")
-                    }
-                },
-                ObjectKind::Webhook => {}
-            }
+        next.api_rules.clear();
+        next.api_policies.clear();
+        for obj in &stored {
+            put_stored(&mut next, obj);
         }
         if let Err(problems) = self.install(&mut guard, next) {
-            tracing::error!(?problems, "stored objects do not form a valid catalog");
+            tracing::error!(?problems, "stored objects do not form a valid catalog; keeping the running set");
         }
         Ok(())
+    }
+
+    /// Applies a change another replica made: the object as stored now, or `None`
+    /// when it was deleted.
+    pub async fn apply_remote(&self, kind: ObjectKind, id: &str, stored: Option<StoredObject>) {
+        let mut guard = self.objects.lock().await;
+        let mut next = guard.clone();
+        match (&stored, kind) {
+            (Some(obj), _) => put_stored(&mut next, obj),
+            (None, ObjectKind::Rule) => {
+                next.api_rules.remove(id);
+            }
+            (None, ObjectKind::Policy) => {
+                next.api_policies.remove(id);
+            }
+            (None, ObjectKind::Webhook) => return,
+        }
+        match self.install(&mut guard, next) {
+            Ok(()) => tracing::debug!(kind = kind.as_str(), id, "applied a change from another replica"),
+            Err(problems) => tracing::error!(?problems, "a change from another replica does not build; reloading all"),
+        }
     }
 
     fn install(&self, guard: &mut Objects, next: Objects) -> Result<(), Vec<(String, FieldError)>> {
@@ -410,6 +416,26 @@ impl Registry {
         self.engine.replace_catalog(catalog);
         *guard = next;
         Ok(())
+    }
+}
+
+/// Puts a stored object into an object set (skipping, with an error, one that does
+/// not compile).
+fn put_stored(next: &mut Objects, obj: &StoredObject) {
+    match obj.kind {
+        ObjectKind::Rule => match rule_from_store(obj) {
+            Ok(rule) => {
+                next.api_rules.insert(rule.id.clone(), Arc::new(rule));
+            }
+            Err(problems) => tracing::error!(rule = %obj.id, ?problems, "stored rule does not compile; skipped"),
+        },
+        ObjectKind::Policy => match policy_from_store(obj) {
+            Ok(p) => {
+                next.api_policies.insert(p.id.clone(), Arc::new(p));
+            }
+            Err(problems) => tracing::error!(policy = %obj.id, ?problems, "stored policy does not compile; skipped"),
+        },
+        ObjectKind::Webhook => {}
     }
 }
 

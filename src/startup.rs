@@ -16,8 +16,9 @@ use crate::policy::Catalog;
 use crate::policy_files::FileProblem;
 use crate::registry::Registry;
 use crate::secrets::SecretBox;
+use crate::store::postgres::ChangeEvent;
 use crate::store::spool::SpoolingStore;
-use crate::store::{SqliteStore, Store};
+use crate::store::{PgStore, SqliteStore, Store};
 use crate::tokens::{self, TokenSet};
 
 /// Why the service could not start.
@@ -84,7 +85,7 @@ impl Application {
             SecretBox::load_or_create(&data_dir, secret_key.as_deref())
                 .map_err(|e| StartError::SecretKey(e.to_string()))?,
         );
-        let backend: Arc<dyn Store> = Arc::new(open_store(&settings, secrets)?);
+        let (backend, postgres) = open_store(&settings, secrets).await?;
         // Activity entries that cannot reach the store are spooled in the data
         // directory and written back in order when it answers again.
         let spool = Arc::new(SpoolingStore::new(backend, &data_dir).map_err(|e| StartError::Store(e.to_string()))?);
@@ -93,6 +94,9 @@ impl Application {
         let engine = Arc::new(Engine::new(Catalog::default(), Arc::new(outbound), metrics.clone(), settings.engine));
         let registry = Arc::new(Registry::new(engine.clone(), store.clone(), settings.policies.clone()));
         registry.load_store().await.map_err(|e| StartError::Store(e.to_string()))?;
+        if let Some(pg) = postgres {
+            spawn_follow_replicas(pg, registry.clone());
+        }
         let files = registry.load_files().await.map_err(StartError::PolicyFiles)?;
         for f in &files {
             tracing::info!(file = %f.source, rules = f.rules.len(), policies = f.policies.len(), "policy file loaded");
@@ -138,22 +142,70 @@ impl Application {
     }
 }
 
-fn open_store(settings: &Settings, secrets: Arc<SecretBox>) -> Result<SqliteStore, StartError> {
-    let dir = match settings.database_url.as_deref() {
-        None => settings.data_dir.clone(),
-        Some(url) => match url.strip_prefix("sqlite://") {
-            // `sqlite://PATH` names the directory that holds verdict.db.
-            Some(path) => std::path::PathBuf::from(path),
-            None => {
-                return Err(StartError::Store(format!(
-                    "unsupported database URL scheme in `{}`; use sqlite://DIR",
-                    url.split("://").next().unwrap_or("?")
-                )))
-            }
-        },
+/// Opens the store the settings name: SQLite in the data directory by default,
+/// `sqlite://DIR`, or `postgres://…` (shared by replicas; returned twice so the caller
+/// can follow other replicas' changes).
+async fn open_store(
+    settings: &Settings,
+    secrets: Arc<SecretBox>,
+) -> Result<(Arc<dyn Store>, Option<Arc<PgStore>>), StartError> {
+    let url = settings.database_url.as_deref().unwrap_or_default();
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let pg = Arc::new(
+            PgStore::connect(url, secrets, &settings.replica_name)
+                .await
+                .map_err(|e| StartError::Store(e.to_string()))?,
+        );
+        return Ok((pg.clone(), Some(pg)));
+    }
+    let dir = match url.strip_prefix("sqlite://") {
+        // `sqlite://DIR` names the directory that holds verdict.db.
+        Some(path) => std::path::PathBuf::from(path),
+        None if url.is_empty() => settings.data_dir.clone(),
+        None => {
+            return Err(StartError::Store(format!(
+                "unsupported database URL scheme `{}`; use sqlite://DIR or postgres://…",
+                url.split("://").next().unwrap_or("?")
+            )))
+        }
     };
     std::fs::create_dir_all(&dir).map_err(|e| StartError::DataDir(dir.display().to_string(), e))?;
-    SqliteStore::open(&dir, secrets).map_err(|e| StartError::Store(e.to_string()))
+    let sqlite = SqliteStore::open(&dir, secrets).map_err(|e| StartError::Store(e.to_string()))?;
+    Ok((Arc::new(sqlite), None))
+}
+
+/// Follows changes other replicas make through the shared PostgreSQL store: each
+/// notification names the object, which is read and applied; after a lost
+/// connection everything is reloaded once. Decision caches are cleared by every
+/// catalog swap.
+fn spawn_follow_replicas(pg: Arc<PgStore>, registry: Arc<Registry>) {
+    tokio::spawn(async move {
+        let mut events = pg.listen().await;
+        while let Some(event) = events.recv().await {
+            match event {
+                ChangeEvent::Changed { kind, id, replica, .. } => {
+                    if replica == pg.replica() {
+                        continue;
+                    }
+                    match pg.load_object(kind, &id).await {
+                        Ok(stored) => registry.apply_remote(kind, &id, stored).await,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not read a changed object; reloading all");
+                            if let Err(e) = registry.load_store().await {
+                                tracing::error!(error = %e, "reload after a change notification failed");
+                            }
+                        }
+                    }
+                }
+                ChangeEvent::Resync => {
+                    tracing::info!("change notifications resumed; reloading every object once");
+                    if let Err(e) = registry.load_store().await {
+                        tracing::error!(error = %e, "reload after reconnecting failed");
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// Stops gracefully on SIGTERM and SIGINT (SPEC §1): no new connections, requests in
