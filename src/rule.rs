@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::action::{Action, ActionSpec};
 use crate::context::RequestContext;
 use crate::secret::Secret;
-use crate::template::{encode_component, Param, Place, RenderError, Template, UnknownPlaceholder};
+use crate::template::{encode_component, Param, Piece, Place, RenderError, Template, UnknownPlaceholder};
 
 /// One validation problem: the field it is about and what is wrong.
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
@@ -344,7 +344,17 @@ impl Rule {
                 errors.push(FieldError::new(format!("{field}.key"), "a query parameter needs a name"));
             }
             if let Some(t) = template(&kv.value, &format!("{field}.value"), &mut errors) {
-                query.push((encode_component(&kv.key), t));
+                // A `query` entry is one value: its literal text is encoded too, so
+                // `a&b` stays one value (placeholders are encoded when rendered).
+                let pieces = t
+                    .pieces()
+                    .iter()
+                    .map(|p| match p {
+                        Piece::Literal(text) => Piece::Literal(encode_component(text)),
+                        param => param.clone(),
+                    })
+                    .collect();
+                query.push((encode_component(&kv.key), Template::from_pieces(pieces)));
             }
         }
         let body_format = spec.body_format.clone().unwrap_or_else(|| "json".into());
