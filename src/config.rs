@@ -78,6 +78,17 @@ pub struct FileConfig {
     pub outbound: Option<OutboundFile>,
     pub circuit_breaker: Option<BreakerFile>,
     pub decision_cache: Option<CacheFile>,
+    pub activity_log: Option<ActivityLogFile>,
+}
+
+/// `[activity_log]` in the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ActivityLogFile {
+    /// `full` (default): each batch is fsynced before its decisions are answered, so
+    /// they survive `kill -9` and power loss. `normal`: not fsynced per batch; answered
+    /// decisions survive `kill -9` of verdict but not an OS crash or power loss.
+    pub synchronous: Option<crate::store::Synchronous>,
 }
 
 /// `[circuit_breaker]` in the config file.
@@ -155,6 +166,8 @@ pub struct Settings {
     pub follow_redirects: bool,
     /// Decision cache and circuit breaker settings.
     pub engine: crate::engine::EngineConfig,
+    /// Durability of activity-log commits (`[activity_log] synchronous`).
+    pub activity_synchronous: crate::store::Synchronous,
 }
 
 /// Why settings could not be resolved.
@@ -183,6 +196,7 @@ impl Settings {
             max_response_bytes: 1 << 20,
             follow_redirects: false,
             engine: crate::engine::EngineConfig::default(),
+            activity_synchronous: crate::store::Synchronous::Full,
         }
     }
 
@@ -220,6 +234,9 @@ impl Settings {
         }
         if let Some(c) = file.decision_cache {
             s.engine.cache_max_entries = c.max_entries.unwrap_or(s.engine.cache_max_entries);
+        }
+        if let Some(a) = file.activity_log {
+            s.activity_synchronous = a.synchronous.unwrap_or(s.activity_synchronous);
         }
         s.tokens =
             file.tokens.into_iter().map(|t| TokenEntry { name: t.name, role: t.role, sha256: t.sha256 }).collect();
@@ -266,5 +283,17 @@ mod tests {
         assert_eq!(s.engine.breaker.cooldown, std::time::Duration::from_secs(7));
         assert_eq!(s.engine.breaker.max_in_flight, 9);
         assert_eq!(s.engine.cache_max_entries, 42);
+        assert_eq!(s.activity_synchronous, crate::store::Synchronous::Full, "the default");
+    }
+
+    #[test]
+    fn activity_log_synchronous_comes_from_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("verdict.toml");
+        std::fs::write(&path, "[activity_log]\nsynchronous = \"normal\"\n").expect("write config");
+        let s = Settings::resolve(ServeArgs { config: Some(path.clone()), ..Default::default() }).expect("resolve");
+        assert_eq!(s.activity_synchronous, crate::store::Synchronous::Normal);
+        std::fs::write(&path, "[activity_log]\nsynchronous = \"off\"\n").expect("write config");
+        assert!(Settings::resolve(ServeArgs { config: Some(path), ..Default::default() }).is_err());
     }
 }

@@ -5,11 +5,14 @@
 //! of them into metric families at scrape time, so the writer stays free of Prometheus.
 
 use std::collections::HashMap;
+use std::sync::{OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, MetricFamily, MetricType};
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+};
 
 use crate::logs::activity::{ActivityStats, ActivityWriter};
 
@@ -22,7 +25,32 @@ pub struct Metrics {
     rule_latency: HistogramVec,
     token_fetches: IntCounterVec,
     circuit_state: prometheus::IntGaugeVec,
+    /// The series of `decisions`/`decision_latency` for every (decision, via) pair,
+    /// looked up once: counting a decision hashes no labels.
+    decision_series: [DecisionSeries; 2],
+    /// The series of each rule seen so far, by rule id: one map lookup per evaluation
+    /// instead of two label lookups.
+    rule_series: RwLock<HashMap<String, RuleSeries>>,
 }
+
+/// The series of one entry point (`via`).
+struct DecisionSeries {
+    allow: IntCounter,
+    deny: IntCounter,
+    latency: Histogram,
+}
+
+/// The series of one rule; an outcome's counter appears on its first use, as when
+/// looked up by label on every evaluation.
+struct RuleSeries {
+    allow: OnceLock<IntCounter>,
+    deny: OnceLock<IntCounter>,
+    error: OnceLock<IntCounter>,
+    latency: Histogram,
+}
+
+/// The entry points, in `decision_series` order.
+const VIAS: [&str; 2] = ["api", "forward-auth"];
 
 const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
@@ -53,12 +81,11 @@ impl Metrics {
             counter("verdict_oauth_token_fetches_total", "OAuth2 token requests by result", &["result"]);
         // Known label values start at zero, so a scrape shows every series (and a rate
         // can be taken) before the first decision or token fetch.
-        for via in ["api", "forward-auth"] {
-            for decision in ["allow", "deny"] {
-                decisions.with_label_values(&[decision, via]);
-            }
-            decision_latency.with_label_values(&[via]);
-        }
+        let decision_series = VIAS.map(|via| DecisionSeries {
+            allow: decisions.with_label_values(&["allow", via]),
+            deny: decisions.with_label_values(&["deny", via]),
+            latency: decision_latency.with_label_values(&[via]),
+        });
         for result in ["ok", "error"] {
             token_fetches.with_label_values(&[result]);
         }
@@ -68,7 +95,17 @@ impl Metrics {
         )
         .unwrap_or_else(|e| unreachable!("{e}"));
         registry.register(Box::new(circuit_state.clone())).unwrap_or_else(|e| unreachable!("{e}"));
-        Metrics { circuit_state, registry, decisions, decision_latency, rule_outcomes, rule_latency, token_fetches }
+        Metrics {
+            circuit_state,
+            registry,
+            decisions,
+            decision_latency,
+            rule_outcomes,
+            rule_latency,
+            token_fetches,
+            decision_series,
+            rule_series: RwLock::new(HashMap::new()),
+        }
     }
 
     /// Exposes the activity writer's batch sizes, queue depth and totals, read at
@@ -86,14 +123,44 @@ impl Metrics {
 
     /// Counts a decision.
     pub fn decision(&self, decision: &str, via: &str, latency: Duration) {
-        self.decisions.with_label_values(&[decision, via]).inc();
-        self.decision_latency.with_label_values(&[via]).observe(latency.as_secs_f64());
+        let series = VIAS.iter().position(|v| *v == via).and_then(|i| self.decision_series.get(i));
+        match (series, decision) {
+            (Some(s), "allow") => s.allow.inc(),
+            (Some(s), "deny") => s.deny.inc(),
+            _ => self.decisions.with_label_values(&[decision, via]).inc(),
+        }
+        match series {
+            Some(s) => s.latency.observe(latency.as_secs_f64()),
+            None => self.decision_latency.with_label_values(&[via]).observe(latency.as_secs_f64()),
+        }
     }
 
     /// Counts a rule evaluation.
     pub fn rule(&self, rule: &str, outcome: &str, latency: Duration) {
-        self.rule_outcomes.with_label_values(&[rule, outcome]).inc();
-        self.rule_latency.with_label_values(&[rule]).observe(latency.as_secs_f64());
+        let seconds = latency.as_secs_f64();
+        let count = |s: &RuleSeries| {
+            let cell = match outcome {
+                "allow" => &s.allow,
+                "deny" => &s.deny,
+                "error" => &s.error,
+                _ => return self.rule_outcomes.with_label_values(&[rule, outcome]).inc(),
+            };
+            cell.get_or_init(|| self.rule_outcomes.with_label_values(&[rule, outcome])).inc();
+        };
+        if let Some(s) = self.rule_series.read().unwrap_or_else(PoisonError::into_inner).get(rule) {
+            count(s);
+            s.latency.observe(seconds);
+            return;
+        }
+        let mut all = self.rule_series.write().unwrap_or_else(PoisonError::into_inner);
+        let series = all.entry(rule.to_owned()).or_insert_with(|| RuleSeries {
+            allow: OnceLock::new(),
+            deny: OnceLock::new(),
+            error: OnceLock::new(),
+            latency: self.rule_latency.with_label_values(&[rule]),
+        });
+        count(series);
+        series.latency.observe(seconds);
     }
 
     /// Records a circuit state change.
@@ -232,6 +299,33 @@ fn activity_families(stats: &ActivityStats) -> Vec<MetricFamily> {
 mod tests {
     use super::*;
     use crate::logs::activity::BATCH_SIZE_BUCKETS;
+
+    #[test]
+    fn decision_and_rule_series_count_as_labelled() {
+        let m = Metrics::new();
+        m.decision("allow", "api", Duration::from_millis(2));
+        m.decision("deny", "forward-auth", Duration::from_millis(3));
+        m.decision("allow", "api", Duration::from_millis(4));
+        m.rule("r1", "allow", Duration::from_millis(1));
+        m.rule("r1", "allow", Duration::from_millis(1));
+        m.rule("r1", "error", Duration::from_millis(1));
+        m.rule("r2", "deny", Duration::from_millis(1));
+        let text = m.render();
+        for line in [
+            "verdict_decisions_total{decision=\"allow\",via=\"api\"} 2",
+            "verdict_decisions_total{decision=\"deny\",via=\"forward-auth\"} 1",
+            "verdict_decisions_total{decision=\"deny\",via=\"api\"} 0",
+            "verdict_decision_latency_seconds_count{via=\"api\"} 2",
+            "verdict_rule_outcomes_total{outcome=\"allow\",rule=\"r1\"} 2",
+            "verdict_rule_outcomes_total{outcome=\"error\",rule=\"r1\"} 1",
+            "verdict_rule_outcomes_total{outcome=\"deny\",rule=\"r2\"} 1",
+            "verdict_rule_latency_seconds_count{rule=\"r1\"} 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
+        }
+        // An outcome a rule never had has no series, as before the series were cached.
+        assert!(!text.contains("outcome=\"deny\",rule=\"r1\""), "{text}");
+    }
 
     #[test]
     fn activity_stats_render_as_prometheus_families() {

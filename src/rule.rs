@@ -191,6 +191,43 @@ pub enum JsonTemplate {
 }
 
 impl JsonTemplate {
+    /// Renders straight into JSON text: the same bytes as serialising [`Self::render`]'s
+    /// value (object keys are unique, from a parsed JSON object), without building it.
+    fn render_into(&self, ctx: &RequestContext, out: &mut Vec<u8>) -> Result<(), RenderError> {
+        fn write(out: &mut Vec<u8>, value: &(impl serde::Serialize + ?Sized)) {
+            // Serialising a JSON value or a string into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, value);
+        }
+        match self {
+            JsonTemplate::Literal(v) => write(out, v),
+            JsonTemplate::Text(t) => write(out, &t.render_json(ctx)?),
+            JsonTemplate::Array(items) => {
+                out.push(b'[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    item.render_into(ctx, out)?;
+                }
+                out.push(b']');
+            }
+            JsonTemplate::Object(fields) => {
+                out.push(b'{');
+                for (i, (key, value)) in fields.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    write(out, key.as_str());
+                    out.push(b':');
+                    value.render_into(ctx, out)?;
+                }
+                out.push(b'}');
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
     fn render(&self, ctx: &RequestContext) -> Result<Value, RenderError> {
         Ok(match self {
             JsonTemplate::Literal(v) => v.clone(),
@@ -502,7 +539,11 @@ impl Rule {
             None => None,
             Some(BodyTemplate::Json(j)) => Some(RenderedBody {
                 content_type: "application/json",
-                bytes: serde_json::to_vec(&j.render(ctx)?).unwrap_or_default(),
+                bytes: {
+                    let mut bytes = Vec::with_capacity(128);
+                    j.render_into(ctx, &mut bytes)?;
+                    bytes
+                },
             }),
             Some(BodyTemplate::Form(fields)) => {
                 let mut form = url::form_urlencoded::Serializer::new(String::new());
@@ -746,4 +787,40 @@ fn compile_auth(spec: Option<&AuthSpec>, errors: &mut Vec<FieldError>) -> Option
         return None;
     }
     auth
+}
+
+#[cfg(test)]
+mod render_tests {
+    use super::*;
+
+    #[test]
+    fn json_bodies_render_as_their_value_serialises() {
+        let body = serde_json::json!({
+            "user": "%username%",
+            "groups": "%groups%",
+            "ip": "%remote_ip%",
+            "nested": {"list": [1, "two", {"k": "v \" \\ \u{1}"}], "dev": "dev=%device_id%"},
+            "n": 3.5,
+            "none": null,
+            "t": true,
+            "empty": {},
+            "arr": []
+        });
+        let mut errors = Vec::new();
+        let template = json_template(&body, "body", &mut errors).unwrap_or_else(|| panic!("{errors:?}"));
+        assert!(errors.is_empty(), "{errors:?}");
+        let input: crate::context::ContextInput = serde_json::from_value(serde_json::json!({
+            "application": "payroll",
+            "username": "al\"ice",
+            "groups": ["g1", "g\u{2}2"],
+            "remote_ip": "203.0.113.7",
+            "device_id": "d/1 é"
+        }))
+        .expect("input");
+        let ctx = RequestContext::parse(input).expect("context");
+        let mut direct = Vec::new();
+        template.render_into(&ctx, &mut direct).expect("render");
+        let via_value = serde_json::to_vec(&template.render(&ctx).expect("render")).expect("encode");
+        assert_eq!(String::from_utf8(direct).unwrap(), String::from_utf8(via_value).unwrap());
+    }
 }

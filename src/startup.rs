@@ -18,7 +18,7 @@ use crate::registry::Registry;
 use crate::secrets::SecretBox;
 use crate::store::postgres::ChangeEvent;
 use crate::store::spool::SpoolingStore;
-use crate::store::{PgStore, SqliteStore, Store};
+use crate::store::{PgStore, SqliteOptions, SqliteStore, Store};
 use crate::tokens::{self, TokenSet};
 
 /// Why the service could not start.
@@ -170,7 +170,8 @@ async fn open_store(
         }
     };
     std::fs::create_dir_all(&dir).map_err(|e| StartError::DataDir(dir.display().to_string(), e))?;
-    let sqlite = SqliteStore::open(&dir, secrets).map_err(|e| StartError::Store(e.to_string()))?;
+    let options = SqliteOptions { activity_synchronous: settings.activity_synchronous };
+    let sqlite = SqliteStore::open_with(&dir, secrets, options).map_err(|e| StartError::Store(e.to_string()))?;
     Ok((Arc::new(sqlite), None))
 }
 
@@ -212,13 +213,12 @@ fn spawn_follow_replicas(pg: Arc<PgStore>, registry: Arc<Registry>) {
 /// flight finish, then `run_until_stopped` flushes the activity log. actix's own
 /// handling force-stops on SIGINT, dropping decisions in flight, hence this.
 fn spawn_stop_on_signal(server: actix_web::dev::ServerHandle) {
-    #[cfg(unix)]
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot listen for SIGTERM/SIGINT; stop verdict with SIGKILL");
+        return;
+    };
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-            tracing::error!("cannot listen for SIGTERM/SIGINT; stop verdict with SIGKILL");
-            return;
-        };
         let name = tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
@@ -229,10 +229,14 @@ fn spawn_stop_on_signal(server: actix_web::dev::ServerHandle) {
 }
 
 fn spawn_reload_on_sighup(registry: Arc<Registry>) {
-    #[cfg(unix)]
+    use tokio::signal::unix::{signal, SignalKind};
+    // Registered before `build` returns, so a HUP right after start reloads instead
+    // of taking the default action (terminating the process).
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot listen for SIGHUP; policy files will not reload");
+        return;
+    };
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
         while hup.recv().await.is_some() {
             match registry.load_files().await {
                 Ok(files) => tracing::info!(files = files.len(), "policy files reloaded"),

@@ -50,6 +50,11 @@ pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::B
 
 /// Parses JSON; a syntax error is a 400, a wrong field type a 400 naming the field.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    // Most bodies are fine: parse them without tracking paths, and parse again with
+    // tracking only to describe a failure (the result is the same, the cost is not).
+    if let Ok(value) = serde_json::from_slice(body) {
+        return Ok(value);
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();

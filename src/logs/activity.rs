@@ -7,6 +7,11 @@
 //! them in one transaction, and answers every waiter. While a commit runs, new entries
 //! queue up and form the next batch, so the busier verdict is, the bigger the batches.
 //!
+//! When the store offers a synchronous [`ActivitySink`] (SQLite does), the writer is a
+//! dedicated OS thread that commits through it: a decision costs one channel send and one
+//! oneshot wake-up, with no runtime task or `spawn_blocking` hop per batch. Otherwise the
+//! writer is a task on the async runtime calling [`Store::insert_activity`].
+//!
 //! Architecture Invariant: an entry is never dropped silently. A full queue makes
 //! callers wait (backpressure); a failed commit is reported to every waiter of the batch.
 
@@ -18,7 +23,7 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::store::{parse_time, ActivityEntry, Store, StoreError};
+use crate::store::{ActivityEntry, ActivityRecord, ActivitySink, Store, StoreError};
 
 /// Upper bounds of the batch-size histogram buckets.
 pub const BATCH_SIZE_BUCKETS: [u64; 11] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024];
@@ -117,7 +122,7 @@ impl Counters {
 }
 
 struct Job {
-    entry: ActivityEntry,
+    record: ActivityRecord,
     reply: oneshot::Sender<Result<(), StoreError>>,
 }
 
@@ -157,16 +162,34 @@ impl Drop for DepthGuard<'_> {
 }
 
 impl ActivityWriter {
-    /// Starts the writer task; must be called from within a tokio runtime.
+    /// Starts the writer: a dedicated thread when the store has an [`ActivitySink`],
+    /// else a task (then it must be called from within a tokio runtime).
     pub fn start(store: Arc<dyn Store>, cfg: ActivityWriterConfig) -> ActivityWriter {
         let max_batch = cfg.max_batch.max(1);
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
         let (done_tx, done_rx) = watch::channel(false);
         let counters = Arc::new(Counters::default());
-        // The task holds only the counters, not `Shared`: when every handle is dropped
-        // the sender goes with them and the task drains and ends by itself.
-        tokio::spawn(run(store, rx, max_batch, Arc::clone(&counters), done_tx));
-        ActivityWriter { shared: Arc::new(Shared { sender: Mutex::new(Some(tx)), counters, done: done_rx }) }
+        // The writer holds only the counters, not `Shared`: when every handle is dropped
+        // the sender goes with them and the writer drains and ends by itself.
+        let mut sender = Some(tx);
+        match store.activity_sink() {
+            Some(sink) => {
+                let thread_counters = Arc::clone(&counters);
+                let spawned = std::thread::Builder::new()
+                    .name("verdict-activity".into())
+                    .spawn(move || run_thread(sink, rx, max_batch, thread_counters, done_tx));
+                if let Err(e) = spawned {
+                    // Nothing can be recorded, so nothing may be decided: every `record`
+                    // fails and decisions answer 503.
+                    tracing::error!(error = %e, "cannot start the activity writer thread; decisions will be refused");
+                    sender = None;
+                }
+            }
+            None => {
+                tokio::spawn(run(store, rx, max_batch, Arc::clone(&counters), done_tx));
+            }
+        }
+        ActivityWriter { shared: Arc::new(Shared { sender: Mutex::new(sender), counters, done: done_rx }) }
     }
 
     /// Queues `entry` and resolves once the batch holding it is committed (durable), or
@@ -175,12 +198,12 @@ impl ActivityWriter {
     /// An entry whose `time` is not RFC 3339 is refused here, so it cannot fail the
     /// batch it would have joined.
     pub async fn record(&self, entry: ActivityEntry) -> Result<(), StoreError> {
-        if parse_time(&entry.time).is_none() {
-            return Err(StoreError::Internal(format!(
-                "activity entry `{}` has a time that is not RFC 3339",
-                entry.decision_id
-            )));
-        }
+        self.record_prepared(ActivityRecord::from_entry(&entry)?).await
+    }
+
+    /// [`ActivityWriter::record`] for an entry already encoded (the decision path builds
+    /// its record directly; its `time` and `time_us` must agree).
+    pub async fn record_prepared(&self, record: ActivityRecord) -> Result<(), StoreError> {
         let sender = self
             .shared
             .sender
@@ -193,7 +216,7 @@ impl ActivityWriter {
         counters.queue_depth.fetch_add(1, Ordering::Relaxed);
         let mut guard = DepthGuard { depth: &counters.queue_depth, armed: true };
         let (reply, answer) = oneshot::channel();
-        if sender.send(Job { entry, reply }).await.is_err() {
+        if sender.send(Job { record, reply }).await.is_err() {
             return Err(StoreError::Unavailable("activity writer stopped".into()));
         }
         // Queued: the writer task decrements the depth when it takes the entry.
@@ -231,11 +254,17 @@ async fn run(
     while rx.recv_many(&mut jobs, max_batch).await > 0 {
         let size = jobs.len();
         counters.queue_depth.fetch_sub(u64::try_from(size).unwrap_or(0), Ordering::Relaxed);
-        let (entries, replies): (Vec<ActivityEntry>, Vec<_>) = jobs.drain(..).map(|job| (job.entry, job.reply)).unzip();
+        let (records, replies): (Vec<ActivityRecord>, Vec<_>) =
+            jobs.drain(..).map(|job| (job.record, job.reply)).unzip();
         // Committed in its own task so a panicking store fails this batch's waiters
         // instead of killing the writer.
         let store_for_batch = Arc::clone(&store);
-        let result = match tokio::spawn(async move { store_for_batch.insert_activity(&entries).await }).await {
+        let result = match tokio::spawn(async move {
+            let entries = records.iter().map(ActivityRecord::to_entry).collect::<Result<Vec<ActivityEntry>, _>>()?;
+            store_for_batch.insert_activity(&entries).await
+        })
+        .await
+        {
             Ok(result) => result,
             Err(e) => Err(StoreError::Internal(format!("activity commit task failed: {e}"))),
         };
@@ -247,6 +276,48 @@ async fn run(
             // A caller that stopped waiting does not care; its entry is committed anyway.
             let _ = reply.send(result.clone());
         }
+    }
+    let _ = done.send(true);
+}
+
+/// The writer on its own thread: takes the first queued entry plus whatever else is
+/// queued (up to `max_batch`), commits them through the sink, answers the waiters, and
+/// ends once every sender is gone and the queue is drained.
+fn run_thread(
+    mut sink: Box<dyn ActivitySink>,
+    mut rx: mpsc::Receiver<Job>,
+    max_batch: usize,
+    counters: Arc<Counters>,
+    done: watch::Sender<bool>,
+) {
+    let mut records: Vec<ActivityRecord> = Vec::with_capacity(max_batch);
+    let mut replies: Vec<oneshot::Sender<Result<(), StoreError>>> = Vec::with_capacity(max_batch);
+    while let Some(first) = rx.blocking_recv() {
+        let mut job = Some(first);
+        while let Some(Job { record, reply }) = job.take() {
+            records.push(record);
+            replies.push(reply);
+            if records.len() < max_batch {
+                job = rx.try_recv().ok();
+            }
+        }
+        let size = records.len();
+        counters.queue_depth.fetch_sub(u64::try_from(size).unwrap_or(0), Ordering::Relaxed);
+        // A panicking store fails this batch's waiters instead of killing the writer.
+        let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sink.insert(&records))) {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Internal("activity commit panicked".into())),
+        };
+        counters.record_batch(size, result.is_ok());
+        if let Err(e) = &result {
+            tracing::error!(error = %e, entries = size, "activity batch commit failed");
+        }
+        for reply in replies.drain(..) {
+            // A caller that stopped waiting does not care; its entry is committed anyway.
+            let _ = reply.send(result.clone());
+        }
+        // Freed after the waiters are answered, off their path.
+        records.clear();
     }
     let _ = done.send(true);
 }
@@ -429,6 +500,79 @@ mod tests {
         let bad = ActivityEntry { time: "not a time".into(), ..entry(50, now) };
         assert!(matches!(writer.record(bad).await, Err(StoreError::Internal(_))));
         writer.shutdown().await;
+    }
+
+    /// The store without its activity sink: the writer falls back to a runtime task
+    /// calling `insert_activity`, as it does for a store that has no sink.
+    struct WithoutSink(Arc<SqliteStore>);
+
+    #[async_trait::async_trait]
+    impl Store for WithoutSink {
+        async fn load_all(&self) -> Result<Vec<crate::store::StoredObject>, StoreError> {
+            self.0.load_all().await
+        }
+        async fn commit(
+            &self,
+            changes: Vec<crate::store::Change>,
+            audit: Vec<crate::store::AuditDraft>,
+        ) -> Result<Vec<crate::store::AuditEntry>, StoreError> {
+            self.0.commit(changes, audit).await
+        }
+        async fn last_file_hash(&self, file: &str) -> Result<Option<String>, StoreError> {
+            self.0.last_file_hash(file).await
+        }
+        async fn list_audit(
+            &self,
+            filter: &crate::store::AuditFilter,
+            page: &Page,
+        ) -> Result<crate::store::Listing<crate::store::AuditEntry>, StoreError> {
+            self.0.list_audit(filter, page).await
+        }
+        async fn verify_audit(&self) -> Result<crate::store::VerifyResult, StoreError> {
+            self.0.verify_audit().await
+        }
+        async fn insert_activity(&self, batch: &[ActivityEntry]) -> Result<(), StoreError> {
+            self.0.insert_activity(batch).await
+        }
+        async fn list_activity(
+            &self,
+            filter: &ActivityFilter,
+            page: &Page,
+        ) -> Result<crate::store::Listing<ActivityEntry>, StoreError> {
+            self.0.list_activity(filter, page).await
+        }
+        async fn prune_activity(&self, older_than: OffsetDateTime) -> Result<u64, StoreError> {
+            self.0.prune_activity(older_than).await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.0.ping().await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_without_a_sink_is_written_from_the_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let wrapped: Arc<dyn Store> = Arc::new(WithoutSink(store.clone()));
+        assert!(wrapped.activity_sink().is_none());
+        let writer = ActivityWriter::start(wrapped, ActivityWriterConfig::default());
+        let now = OffsetDateTime::now_utc();
+        let tasks: Vec<_> = (0..100)
+            .map(|i| {
+                let writer = writer.clone();
+                tokio::spawn(async move { writer.record(entry(i, now)).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(count(&store).await, 100);
+        let listed = store.list_activity(&ActivityFilter::default(), &Page::default()).await.unwrap();
+        assert!(listed.items.contains(&entry(42, now)), "entries round-trip through the records");
+        assert_eq!(writer.stats().entries, 100);
+        writer.shutdown().await;
+        let late = writer.record(entry(999, now)).await;
+        assert!(matches!(late, Err(StoreError::Unavailable(_))), "{late:?}");
     }
 
     #[tokio::test]

@@ -507,26 +507,37 @@ pub fn format_time(t: OffsetDateTime) -> String {
     let t = t.to_offset(UtcOffset::UTC);
     // Every decision formats its time: digits by hand rather than through a format
     // description (the same text; see the test).
-    if (0..=9999).contains(&t.year()) {
-        use std::fmt::Write as _;
-        let mut out = String::with_capacity(27);
-        let _ = write!(
-            out,
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-            t.year(),
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second(),
-            t.microsecond()
-        );
-        return out;
+    if let Ok(year) = u32::try_from(t.year()) {
+        if year <= 9999 {
+            let mut out = String::with_capacity(27);
+            let fields = [
+                (year, 4, '-'),
+                (u32::from(u8::from(t.month())), 2, '-'),
+                (u32::from(t.day()), 2, 'T'),
+                (u32::from(t.hour()), 2, ':'),
+                (u32::from(t.minute()), 2, ':'),
+                (u32::from(t.second()), 2, '.'),
+                (t.microsecond(), 6, 'Z'),
+            ];
+            for (value, width, after) in fields {
+                push_digits(&mut out, value, width);
+                out.push(after);
+            }
+            return out;
+        }
     }
     let fmt = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
     // Formatting only fails for years outside 0..=9999, which `now` never is; fall back
     // to the well-known format rather than fail a write.
     t.format(&fmt).or_else(|_| t.format(&Rfc3339)).unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+/// Appends `value` as exactly `width` decimal digits (zero-padded; `value` fits).
+fn push_digits(out: &mut String, value: u32, width: u32) {
+    for i in (0..width).rev() {
+        let digit = (value / 10u32.pow(i)) % 10;
+        out.push(char::from_digit(digit, 10).unwrap_or('0'));
+    }
 }
 
 /// The current time as [`format_time`] writes it.

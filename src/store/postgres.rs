@@ -179,7 +179,21 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX activity_by_decision ON activity (decision, time_us, id);
     CREATE INDEX activity_by_rule ON activity USING gin (rule_ids);
     "#,
+    // 2: usernames and applications of any length (a request body may be 1 MiB). A
+    // B-tree entry holds at most ~2.7 kB, so an entry with a longer value could not be
+    // inserted; the filter indexes key on a prefix, and the filter compares the whole
+    // value as well (`ACTIVITY_KEY_PREFIX`).
+    r#"
+    DROP INDEX activity_by_user;
+    DROP INDEX activity_by_app;
+    CREATE INDEX activity_by_user ON activity (left(username, 200), time_us, id);
+    CREATE INDEX activity_by_app ON activity (left(application, 200), time_us, id);
+    "#,
 ];
+
+/// Characters of `username` / `application` that their activity indexes key on
+/// (migration 2); the filters must use the same expression to use them.
+const ACTIVITY_KEY_PREFIX: usize = 200;
 
 /// What a change notification says happened to an object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -996,12 +1010,15 @@ impl Store for PgStore {
         if let Some(t) = filter.until {
             sql.push_str(&format!(" AND time_us < {}", arg(&mut args, unix_micros(t))));
         }
-        for (column, value) in
-            [("username", &filter.username), ("application", &filter.application), ("decision", &filter.decision)]
-        {
+        for (column, value) in [("username", &filter.username), ("application", &filter.application)] {
             if let Some(v) = value {
-                sql.push_str(&format!(" AND {column} = {}", arg(&mut args, v.clone())));
+                let v = arg(&mut args, v.clone());
+                let n = ACTIVITY_KEY_PREFIX;
+                sql.push_str(&format!(" AND left({column}, {n}) = left({v}, {n}) AND {column} = {v}"));
             }
+        }
+        if let Some(v) = &filter.decision {
+            sql.push_str(&format!(" AND decision = {}", arg(&mut args, v.clone())));
         }
         if let Some(rule_id) = &filter.rule_id {
             sql.push_str(&format!(" AND rule_ids @> ARRAY[{}::text]", arg(&mut args, rule_id.clone())));
@@ -1610,6 +1627,34 @@ mod tests {
                 None => return ids,
             }
         }
+    }
+
+    #[tokio::test]
+    async fn usernames_and_applications_of_any_length_are_stored_and_filtered() {
+        let db = TestDb::new().await;
+        let store = db.store("a").await;
+        let now = OffsetDateTime::now_utc();
+        // Far over a B-tree entry's limit, and two values that share their first 200
+        // characters (the indexed prefix) but differ after it.
+        let huge = "x".repeat(1 << 20);
+        let prefix = "p".repeat(300);
+        let (long_a, long_b) = (format!("{prefix}-a"), format!("{prefix}-b"));
+        let mut entries = Vec::new();
+        for (i, (user, app)) in [(&huge, &huge), (&long_a, &long_a), (&long_b, &long_b)].into_iter().enumerate() {
+            let mut e = activity(i, now);
+            e.username = Some(user.clone());
+            e.application = app.clone();
+            entries.push(e);
+        }
+        store.insert_activity(&entries).await.unwrap();
+        for (i, value) in [&huge, &long_a, &long_b].into_iter().enumerate() {
+            let by_user = ActivityFilter { username: Some(value.clone()), ..Default::default() };
+            assert_eq!(all_activity_ids(&store, &by_user, 10).await, vec![format!("d-{i:04}")]);
+            let by_app = ActivityFilter { application: Some(value.clone()), ..Default::default() };
+            assert_eq!(all_activity_ids(&store, &by_app, 10).await, vec![format!("d-{i:04}")]);
+        }
+        let none = ActivityFilter { username: Some(prefix), ..Default::default() };
+        assert!(all_activity_ids(&store, &none, 10).await.is_empty());
     }
 
     #[tokio::test]

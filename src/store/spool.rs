@@ -19,8 +19,8 @@ use time::OffsetDateTime;
 use tokio::sync::Mutex;
 
 use super::{
-    ActivityEntry, ActivityFilter, AuditDraft, AuditEntry, AuditFilter, Change, Listing, Page, Store, StoreError,
-    StoredObject, VerifyResult,
+    ActivityEntry, ActivityFilter, ActivityRecord, ActivitySink, AuditDraft, AuditEntry, AuditFilter, Change, Listing,
+    Page, Store, StoreError, StoredObject, VerifyResult,
 };
 
 /// File name of the spool in the data directory.
@@ -32,6 +32,11 @@ const REPLAY_CHUNK: usize = 500;
 /// A store whose activity writes survive the store being unavailable.
 pub struct SpoolingStore {
     inner: Arc<dyn Store>,
+    spool: Arc<Spool>,
+}
+
+/// The spool's state, shared with the activity sink (see [`Store::activity_sink`]).
+struct Spool {
     path: PathBuf,
     /// Serializes spool appends and drains; holds the number of spooled entries.
     spooled: Mutex<u64>,
@@ -45,37 +50,38 @@ impl SpoolingStore {
     pub fn new(inner: Arc<dyn Store>, data_dir: &Path) -> Result<SpoolingStore, StoreError> {
         let path = data_dir.join(SPOOL_FILE_NAME);
         let existing = read_spool(&path)?.len() as u64;
-        Ok(SpoolingStore { inner, path, spooled: Mutex::new(existing), depth: AtomicU64::new(existing) })
+        let spool = Spool { path, spooled: Mutex::new(existing), depth: AtomicU64::new(existing) };
+        Ok(SpoolingStore { inner, spool: Arc::new(spool) })
     }
 
     /// Entries waiting in the spool.
     pub fn depth(&self) -> u64 {
-        self.depth.load(Ordering::Relaxed)
+        self.spool.depth.load(Ordering::Relaxed)
     }
 
     /// Writes spooled entries to the store, in order. Returns how many were written;
     /// stops at the first failure and keeps the rest.
     pub async fn drain(&self) -> Result<u64, StoreError> {
-        let mut spooled = self.spooled.lock().await;
+        let mut spooled = self.spool.spooled.lock().await;
         if *spooled == 0 {
             return Ok(0);
         }
-        let entries = read_spool(&self.path)?;
+        let entries = read_spool(&self.spool.path)?;
         let mut written = 0usize;
         for chunk in entries.chunks(REPLAY_CHUNK) {
             if let Err(e) = self.inner.insert_activity(chunk).await {
                 if written > 0 {
-                    rewrite_spool(&self.path, entries.get(written..).unwrap_or_default())?;
+                    rewrite_spool(&self.spool.path, entries.get(written..).unwrap_or_default())?;
                 }
                 *spooled = (entries.len() - written) as u64;
-                self.depth.store(*spooled, Ordering::Relaxed);
+                self.spool.depth.store(*spooled, Ordering::Relaxed);
                 return Err(e);
             }
             written += chunk.len();
         }
-        rewrite_spool(&self.path, &[])?;
+        rewrite_spool(&self.spool.path, &[])?;
         *spooled = 0;
-        self.depth.store(0, Ordering::Relaxed);
+        self.spool.depth.store(0, Ordering::Relaxed);
         tracing::info!(entries = written, "activity spool written to the store");
         Ok(written as u64)
     }
@@ -93,6 +99,33 @@ impl SpoolingStore {
                 }
             }
         })
+    }
+}
+
+/// The activity sink of a [`SpoolingStore`] whose inner store has one: the same rules
+/// as [`SpoolingStore`]'s `insert_activity`, on the activity writer's thread.
+struct SpoolingSink {
+    inner: Box<dyn ActivitySink>,
+    spool: Arc<Spool>,
+}
+
+impl ActivitySink for SpoolingSink {
+    fn insert(&mut self, batch: &[ActivityRecord]) -> Result<(), StoreError> {
+        // This runs on the activity writer's own thread, never on the async runtime.
+        let mut spooled = self.spool.spooled.blocking_lock();
+        if *spooled == 0 {
+            match self.inner.insert(batch) {
+                Err(StoreError::Unavailable(reason)) => {
+                    tracing::warn!(%reason, entries = batch.len(), "store unavailable; spooling activity entries");
+                }
+                other => return other,
+            }
+        }
+        let entries = batch.iter().map(ActivityRecord::to_entry).collect::<Result<Vec<_>, _>>()?;
+        append_spool(&self.spool.path, &entries)?;
+        *spooled += batch.len() as u64;
+        self.spool.depth.store(*spooled, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -167,7 +200,7 @@ impl Store for SpoolingStore {
     }
 
     async fn insert_activity(&self, batch: &[ActivityEntry]) -> Result<(), StoreError> {
-        let mut spooled = self.spooled.lock().await;
+        let mut spooled = self.spool.spooled.lock().await;
         if *spooled == 0 {
             match self.inner.insert_activity(batch).await {
                 Err(StoreError::Unavailable(reason)) => {
@@ -176,14 +209,19 @@ impl Store for SpoolingStore {
                 other => return other,
             }
         }
-        let path = self.path.clone();
+        let path = self.spool.path.clone();
         let owned = batch.to_vec();
         tokio::task::spawn_blocking(move || append_spool(&path, &owned))
             .await
             .map_err(|e| StoreError::Internal(format!("activity spool task: {e}")))??;
         *spooled += batch.len() as u64;
-        self.depth.store(*spooled, Ordering::Relaxed);
+        self.spool.depth.store(*spooled, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn activity_sink(&self) -> Option<Box<dyn ActivitySink>> {
+        let inner = self.inner.activity_sink()?;
+        Some(Box::new(SpoolingSink { inner, spool: Arc::clone(&self.spool) }))
     }
 
     async fn list_activity(&self, filter: &ActivityFilter, page: &Page) -> Result<Listing<ActivityEntry>, StoreError> {
@@ -296,6 +334,48 @@ mod tests {
         assert_eq!(store.drain().await.unwrap(), 0);
         store.insert_activity(&[entry("5")]).await.unwrap();
         assert_eq!(flaky.inserted.lock().unwrap().len(), 5);
+    }
+
+    /// The activity sink of a [`Flaky`] store.
+    struct FlakySink(Arc<Flaky>);
+
+    impl ActivitySink for FlakySink {
+        fn insert(&mut self, batch: &[ActivityRecord]) -> Result<(), StoreError> {
+            let entries = batch.iter().map(ActivityRecord::to_entry).collect::<Result<Vec<_>, _>>()?;
+            futures::executor::block_on(self.0.insert_activity(&entries))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_sink_spools_while_down_like_insert_activity() {
+        let dir = tempfile::tempdir().unwrap();
+        let flaky = Arc::new(Flaky::default());
+        let store = SpoolingStore::new(flaky.clone(), dir.path()).unwrap();
+        // Flaky has no sink of its own, so neither has the spooling store around it.
+        assert!(store.activity_sink().is_none());
+        let mut sink = SpoolingSink { inner: Box::new(FlakySink(flaky.clone())), spool: store.spool.clone() };
+        let record = |id: &str| ActivityRecord::from_entry(&entry(id)).unwrap();
+        let flaky_for_thread = flaky.clone();
+        // The sink blocks: run it off the runtime, as the activity writer's thread does.
+        let sink = tokio::task::spawn_blocking(move || {
+            sink.insert(&[record("1")]).unwrap();
+            flaky_for_thread.down.store(true, Ordering::SeqCst);
+            sink.insert(&[record("2"), record("3")]).unwrap();
+            flaky_for_thread.down.store(false, Ordering::SeqCst);
+            // Up again, but the spool holds entries: this one queues behind them.
+            sink.insert(&[record("4")]).unwrap();
+            sink
+        })
+        .await
+        .unwrap();
+        assert_eq!(store.depth(), 3);
+        assert_eq!(*flaky.inserted.lock().unwrap(), vec!["1"]);
+        assert_eq!(store.drain().await.unwrap(), 3);
+        assert_eq!(*flaky.inserted.lock().unwrap(), vec!["1", "2", "3", "4"]);
+        let mut sink = sink;
+        tokio::task::spawn_blocking(move || sink.insert(&[record("5")])).await.unwrap().unwrap();
+        assert_eq!(flaky.inserted.lock().unwrap().len(), 5);
+        assert_eq!(store.depth(), 0);
     }
 
     #[tokio::test]

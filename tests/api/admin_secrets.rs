@@ -195,8 +195,16 @@ async fn secrets_are_write_only_and_kept_unless_replaced() {
         }
     }
 
-    // And the data directory holds none of them in plain text.
+    // And the data directory holds none of them in plain text, nor, under the
+    // PostgreSQL switch, any row of the database.
     assert_no_secret_in_dir(&app.dir.path().join("data"));
+    if let Some(url) = test_database_url(app.dir.path()) {
+        let dump = pg_dump(&url);
+        assert!(dump.windows(b"r-oauth".len()).any(|w| w == b"r-oauth"), "rules not in the database");
+        for s in all_secrets() {
+            assert!(!dump.windows(s.len()).any(|w| w == s.as_bytes()), "the database holds {s}");
+        }
+    }
 }
 
 /// Reads every file under `dir` as bytes and looks for every secret.

@@ -241,11 +241,16 @@ async fn verify_finds_an_audit_entry_changed_in_the_database_file() {
     assert_eq!(before[1]["object_id"], "r-2");
     stop(&mut bin).await;
 
-    // Someone with access to the file rewrites who created rule r-2.
-    let db = rusqlite::Connection::open(dir.path().join("data").join("verdict.db")).expect("open verdict.db");
-    let changed = db.execute("UPDATE audit SET actor = 'someone-else' WHERE seq = 3", []).expect("tamper");
-    assert_eq!(changed, 1);
-    drop(db);
+    // Someone with access to the database rewrites who created rule r-2: in the SQLite
+    // file, or with SQL in the PostgreSQL database under the switch.
+    let tamper = "UPDATE audit SET actor = 'someone-else' WHERE seq = 3";
+    if let Some(url) = crate::helpers::test_database_url(dir.path()) {
+        let db = crate::helpers::pg_connect(&url).await;
+        assert_eq!(db.execute(tamper, &[]).await.expect("tamper"), 1);
+    } else {
+        let db = rusqlite::Connection::open(dir.path().join("data").join("verdict.db")).expect("open verdict.db");
+        assert_eq!(db.execute(tamper, []).expect("tamper"), 1);
+    }
 
     let bin = start(dir.path(), "second").await;
     let (status, verify) = get(&bin, "/v1/audit-logs/verify").await;
@@ -288,11 +293,10 @@ async fn a_restart_keeps_the_audit_and_activity_logs() {
 #[tokio::test]
 async fn activity_retention_prunes_entries_older_than_the_setting() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
-    // Entries 60, 40 and 0 days old, written before verdict starts.
+    // Entries 60, 40 and 0 days old, written before verdict starts (into the SQLite
+    // file, or the PostgreSQL database under the switch).
     {
-        let secrets = verdict::secrets::SecretBox::load_or_create(&data, None).expect("secret key");
-        let store = verdict::store::SqliteStore::open(&data, std::sync::Arc::new(secrets)).expect("store");
+        let store = crate::helpers::open_test_store(dir.path()).await;
         let now = time::OffsetDateTime::now_utc();
         let entries: Vec<verdict::store::ActivityEntry> = [("old-60", 60), ("old-40", 40), ("fresh", 0)]
             .into_iter()
@@ -312,7 +316,7 @@ async fn activity_retention_prunes_entries_older_than_the_setting() {
                 replica: "test".into(),
             })
             .collect();
-        verdict::store::Store::insert_activity(&store, &entries).await.expect("insert");
+        store.insert_activity(&entries).await.expect("insert");
     }
 
     // Keep 50 days: the 60-day-old entry goes at start, the 40-day-old one stays.

@@ -1,4 +1,30 @@
 //! One integration-test binary: a module per area, sharing `helpers`.
 
+mod activity_log;
+mod admin_crud;
+mod admin_secrets;
+mod admin_support;
+mod admin_validation;
+mod audit_log;
+mod auth;
+mod bad_input;
+mod cases;
 mod decisions;
+mod durability;
+mod forward_auth;
 mod helpers;
+mod injection;
+mod openapi;
+mod outcomes;
+mod policy_files;
+mod reasons;
+mod replicas;
+mod requests;
+mod resilience;
+mod rule_tests;
+mod secret_grep;
+mod semantics;
+mod shipped;
+mod system;
+mod tokens;
+mod tools;

@@ -44,56 +44,82 @@ pub struct BinaryOptions<'a> {
 impl Binary {
     /// Starts `verdict serve` on a free port with `dir/data` and `dir/policies`, and
     /// waits until `/healthz` answers (or the process exits, which panics with its
-    /// stderr).
+    /// stderr). When another process took the port between `free_port` and verdict's
+    /// bind, it starts again on another one (the capture files are appended to then).
     pub async fn start(options: BinaryOptions<'_>) -> Binary {
-        let port = free_port();
         let stdout = options.dir.join(format!("{}.stdout.txt", options.run_name));
         let stderr = options.dir.join(format!("{}.stderr.txt", options.run_name));
         std::fs::create_dir_all(options.dir.join("policies")).expect("policies dir");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_verdict"));
-        command
-            .arg("serve")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--data-dir")
-            .arg(options.dir.join("data"))
-            .arg("--policies")
-            .arg(options.dir.join("policies"))
-            .env_remove("VERDICT_ADMIN_TOKEN")
-            .env_remove("VERDICT_PROXY_TOKEN")
-            .env_remove("VERDICT_AUDITOR_TOKEN")
-            .env_remove("VERDICT_CONFIG")
-            .env_remove("VERDICT_DATABASE_URL")
-            .env_remove("VERDICT_LISTEN")
-            .env_remove("VERDICT_DATA_DIR")
-            .env_remove("VERDICT_POLICIES")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"));
-        for (k, v) in &options.env {
-            command.env(k, v);
-        }
-        let child = command.spawn().expect("spawn verdict");
-        let mut binary = Binary {
-            child,
-            address: format!("http://127.0.0.1:{port}"),
-            stdout,
-            stderr,
-            client: reqwest::Client::new(),
+        let capture = |path: &Path, attempt: usize| {
+            let mut open = std::fs::OpenOptions::new();
+            open.create(true);
+            if attempt == 0 {
+                open.write(true).truncate(true);
+            } else {
+                open.append(true);
+            }
+            open.open(path).expect("capture file")
         };
-        binary.wait_ready().await;
-        binary
+        for attempt in 0..5 {
+            let port = free_port();
+            let mut command = Command::new(env!("CARGO_BIN_EXE_verdict"));
+            command
+                .arg("serve")
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--data-dir")
+                .arg(options.dir.join("data"))
+                .arg("--policies")
+                .arg(options.dir.join("policies"))
+                .env_remove("VERDICT_ADMIN_TOKEN")
+                .env_remove("VERDICT_PROXY_TOKEN")
+                .env_remove("VERDICT_AUDITOR_TOKEN")
+                .env_remove("VERDICT_CONFIG")
+                .env_remove("VERDICT_DATABASE_URL")
+                .env_remove("VERDICT_LISTEN")
+                .env_remove("VERDICT_DATA_DIR")
+                .env_remove("VERDICT_POLICIES")
+                .env_remove("RUST_LOG")
+                .stdin(Stdio::null())
+                .stdout(capture(&stdout, attempt))
+                .stderr(capture(&stderr, attempt));
+            // Under the PostgreSQL switch: the database of this directory, unless the
+            // test names one itself.
+            if !options.env.iter().any(|(k, _)| *k == "VERDICT_DATABASE_URL") {
+                if let Some(url) = crate::helpers::test_database_url(options.dir) {
+                    command.arg("--database-url").arg(url);
+                }
+            }
+            for (k, v) in &options.env {
+                command.env(k, v);
+            }
+            let child = command.spawn().expect("spawn verdict");
+            let mut binary = Binary {
+                child,
+                address: format!("http://127.0.0.1:{port}"),
+                stdout: stdout.clone(),
+                stderr: stderr.clone(),
+                client: reqwest::Client::new(),
+            };
+            match binary.wait_ready().await {
+                Ok(()) => return binary,
+                Err(text) if attempt < 4 && text.contains(&format!("127.0.0.1:{port}: Address already in use")) => {
+                    continue
+                }
+                Err(text) => panic!("{text}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
     }
 
-    async fn wait_ready(&mut self) {
+    async fn wait_ready(&mut self) -> Result<(), String> {
         for _ in 0..600 {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!("verdict exited with {status} before answering; stderr:\n{}", self.stderr_text());
+                return Err(format!("verdict exited with {status} before answering; stderr:\n{}", self.stderr_text()));
             }
             let answer = self.client.get(format!("{}/healthz", self.address)).send().await;
             if answer.is_ok_and(|r| r.status().is_success()) {
-                return;
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -215,5 +241,99 @@ impl Drop for BarrierApi {
     fn drop(&mut self) {
         let handle = self.handle.clone();
         tokio::spawn(async move { handle.stop(false).await });
+    }
+}
+
+/// A TCP proxy a test puts between verdict and PostgreSQL: `cut` closes every
+/// connection through it and refuses new ones (the database "goes away"), `restore`
+/// accepts again on the same port.
+pub struct PgProxy {
+    pub port: u16,
+    target: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<bool>,
+    accept: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl PgProxy {
+    /// Starts forwarding a free loopback port to the PostgreSQL server of `server_url`.
+    pub async fn start(server_url: &str) -> PgProxy {
+        use std::net::ToSocketAddrs;
+        let url = url::Url::parse(server_url).expect("PostgreSQL server URL");
+        let host = url.host_str().unwrap_or("127.0.0.1");
+        let target = (host, url.port().unwrap_or(5432))
+            .to_socket_addrs()
+            .expect("PostgreSQL address")
+            .next()
+            .expect("PostgreSQL address");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let (cut, _) = tokio::sync::watch::channel(false);
+        let mut proxy = PgProxy { port, target, cut, accept: None };
+        proxy.serve(listener);
+        proxy
+    }
+
+    /// `server_url` with the proxy as host and port and `database` as database.
+    pub fn url(&self, server_url: &str, database: &str) -> String {
+        let mut url = url::Url::parse(server_url).expect("PostgreSQL server URL");
+        url.set_host(Some("127.0.0.1")).expect("host");
+        url.set_port(Some(self.port)).expect("port");
+        url.set_path(&format!("/{database}"));
+        url.to_string()
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let (cut, target) = (self.cut.clone(), self.target);
+        self.accept = Some(tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(pump(client, target, cut.subscribe()));
+            }
+        }));
+    }
+
+    /// Closes every connection through the proxy and refuses new ones.
+    pub fn cut(&mut self) {
+        if let Some(accept) = self.accept.take() {
+            accept.abort();
+        }
+        self.cut.send_replace(true);
+    }
+
+    /// Accepts and forwards connections again.
+    pub async fn restore(&mut self) {
+        if self.accept.is_some() {
+            return;
+        }
+        self.cut.send_replace(false);
+        // The aborted accept task drops its listener at its next poll; retry the bind.
+        for _ in 0..100 {
+            if let Ok(listener) = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
+                self.serve(listener);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the proxy could not listen on port {} again", self.port);
+    }
+}
+
+impl Drop for PgProxy {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
+
+async fn pump(
+    mut client: tokio::net::TcpStream,
+    target: std::net::SocketAddr,
+    mut cut: tokio::sync::watch::Receiver<bool>,
+) {
+    if *cut.borrow_and_update() {
+        return;
+    }
+    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else { return };
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+        _ = cut.wait_for(|cut| *cut) => {}
     }
 }
