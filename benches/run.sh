@@ -39,7 +39,8 @@
 # Diagnostics (not for the targets): TARGETS="verdict verdict-cached" measures a
 # subset; DATA_DIR_PARENT=/dev/shm puts verdict's data dir on tmpfs, where fsync is
 # free, to show what the durable activity log costs (the table says which file
-# system the data dir was on).
+# system the data dir was on); SYNCHRONOUS=normal runs verdict with `[activity_log]
+# synchronous = "normal"` (no fsync per batch: survives kill -9, not power loss).
 #
 # Every answer is checked once before the measurements (allow, and `cached` for the
 # cached row); wrk's non-2xx and socket-error counts are in the table. All processes
@@ -61,6 +62,7 @@ BUILD=${BUILD:-1}
 KEEP_TMP=${KEEP_TMP:-0}
 TARGETS=${TARGETS:-api floor verdict floor-nocall verdict-cached}
 DATA_DIR_PARENT=${DATA_DIR_PARENT:-}
+SYNCHRONOUS=${SYNCHRONOUS:-full}
 RESULTS=${RESULTS:-$HERE/results/latest.md}
 TOKEN=bench-proxy-token
 
@@ -114,6 +116,14 @@ log "nginx upstream on $UPSTREAM (master $NGINX_PID, worker ${NGINX_WORKER:-?})"
 mkdir -p "$TMP/policies" "$DATA_DIR"
 sed "s|{{UPSTREAM}}|$UPSTREAM|g" "$HERE/floor/bench-policies.json.template" >"$TMP/policies/bench.json"
 export VERDICT_PROXY_TOKEN=$TOKEN
+case $SYNCHRONOUS in
+  full) ;; # verdict's default: no config file
+  normal)
+    printf '[activity_log]\nsynchronous = "normal"\n' >"$TMP/verdict.toml"
+    export VERDICT_CONFIG=$TMP/verdict.toml
+    ;;
+  *) die "SYNCHRONOUS must be full or normal, not \`$SYNCHRONOUS\`" ;;
+esac
 start_verdict "$VERDICT_BIN" "$DATA_DIR" "$TMP/policies" "$TMP/verdict.log"
 log "verdict on 127.0.0.1:$VERDICT_PORT (pid $VERDICT_PID)"
 
@@ -274,6 +284,7 @@ mkdir -p "$(dirname "$RESULTS")"
   echo "- load before: \`${LOAD_BEFORE##*load average: }\`, after: \`${LOAD_AFTER##*load average: }\` (1, 5, 15 min)"
   echo "- wrk: -t$THREADS -c$CONNECTIONS -d${DURATION}s --latency, $RUNS interleaved rounds after ${WARMUP}s warm-up each; medians over the rounds"
   echo "- synchronous 8 KiB write (dd oflag=dsync) on verdict's data dir: ${FSYNC_MS:-?} ms on average; each group commit of the activity log waits for one"
+  echo "- verdict's activity log: \`[activity_log] synchronous = \"$SYNCHRONOUS\"\`$([ "$SYNCHRONOUS" = full ] && echo ' (the default: fsynced before each answer)' || echo ' (diagnostic: not fsynced per batch; survives kill -9, not power loss)')"
   echo "- verdict cache: $CACHE_STATE"
   echo
   echo "| target | req/s | p50 ms | p99 ms | server CPU µs/req | non-2xx | socket errors | req/s per round |"

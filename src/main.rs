@@ -4,11 +4,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use verdict::config::{LogFormat, ServeArgs, Settings};
 
-/// mimalloc instead of the system allocator: the decision path allocates and frees many
+/// jemalloc instead of the system allocator: the decision path allocates and frees many
 /// small buffers across threads, where glibc's malloc showed as ~10% of CPU (including
-/// `malloc_consolidate`) in profiles under load.
+/// `malloc_consolidate`) in profiles under load; jemalloc cut CPU per decision by about
+/// as much as mimalloc with an RSS close to glibc's (benches/README.md).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// verdict: access decisions for ZTNA gateways.
 #[derive(Parser)]

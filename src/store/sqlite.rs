@@ -1423,7 +1423,8 @@ mod tests {
         let options = SqliteOptions { activity_synchronous: Synchronous::Normal };
         let store = SqliteStore::open_with(dir.path(), secrets, options).unwrap();
         let base = time::macros::datetime!(2025-03-01 12:00 UTC);
-        let entries: Vec<ActivityEntry> = (0..10).map(|i| activity(i, base + time::Duration::minutes(i as i64))).collect();
+        let entries: Vec<ActivityEntry> =
+            (0..10).map(|i| activity(i, base + time::Duration::minutes(i as i64))).collect();
         let records: Vec<ActivityRecord> = entries.iter().map(|e| ActivityRecord::from_entry(e).unwrap()).collect();
         let mut sink = store.activity_sink().expect("SQLite has a sink");
         sink.insert(&records[..6]).unwrap();
@@ -1472,7 +1473,15 @@ mod tests {
         };
         assert_eq!(
             indexes,
-            vec!["activity_by_app", "activity_by_time", "activity_by_user", "activity_denies", "audit_by_actor", "audit_by_object", "audit_by_time"]
+            vec![
+                "activity_by_app",
+                "activity_by_time",
+                "activity_by_user",
+                "activity_denies",
+                "audit_by_actor",
+                "audit_by_object",
+                "audit_by_time"
+            ]
         );
         let deny = ActivityFilter { decision: Some("deny".into()), ..Default::default() };
         assert_eq!(all_activity_ids(&store, &deny, 1).await, vec!["d-0010", "d-0005", "d-0000"]);
