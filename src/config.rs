@@ -79,6 +79,38 @@ pub struct FileConfig {
     pub circuit_breaker: Option<BreakerFile>,
     pub decision_cache: Option<CacheFile>,
     pub activity_log: Option<ActivityLogFile>,
+    pub instance_name: Option<String>,
+    pub webhooks: Option<WebhooksFile>,
+}
+
+/// `[webhooks]` in the config file: how the delivery worker paces itself.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksFile {
+    /// How often the worker looks for due deliveries, in ms (default 1000); it also
+    /// wakes at once after a decision or change that produced events.
+    pub poll_ms: Option<u64>,
+    /// First retry delay in ms, doubled per attempt (default 1000).
+    pub backoff_base_ms: Option<u64>,
+    /// Longest retry delay in seconds, `Retry-After` included (default 3600).
+    pub max_backoff_s: Option<u64>,
+    /// Deliveries sent at once (default 16).
+    pub concurrency: Option<usize>,
+}
+
+/// Resolved `[webhooks]` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookSettings {
+    pub poll_ms: u64,
+    pub backoff_base_ms: u64,
+    pub max_backoff_s: u64,
+    pub concurrency: usize,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        WebhookSettings { poll_ms: 1000, backoff_base_ms: 1000, max_backoff_s: 3600, concurrency: 16 }
+    }
 }
 
 /// `[activity_log]` in the config file.
@@ -146,6 +178,9 @@ pub struct ServeArgs {
     /// Name of this replica in activity entries and metrics [default: host name]
     #[arg(long, env = "VERDICT_REPLICA_NAME")]
     pub replica_name: Option<String>,
+    /// Name of this installation, the `account` of webhook events [default: verdict]
+    #[arg(long, env = "VERDICT_INSTANCE_NAME")]
+    pub instance_name: Option<String>,
 }
 
 /// Resolved settings.
@@ -168,6 +203,10 @@ pub struct Settings {
     pub engine: crate::engine::EngineConfig,
     /// Durability of activity-log commits (`[activity_log] synchronous`).
     pub activity_synchronous: crate::store::Synchronous,
+    /// The installation's name: `account` in webhook events.
+    pub instance_name: String,
+    /// Webhook delivery pacing.
+    pub webhooks: WebhookSettings,
 }
 
 /// Why settings could not be resolved.
@@ -197,6 +236,8 @@ impl Settings {
             follow_redirects: false,
             engine: crate::engine::EngineConfig::default(),
             activity_synchronous: crate::store::Synchronous::Full,
+            instance_name: "verdict".into(),
+            webhooks: WebhookSettings::default(),
         }
     }
 
@@ -237,6 +278,16 @@ impl Settings {
         }
         if let Some(a) = file.activity_log {
             s.activity_synchronous = a.synchronous.unwrap_or(s.activity_synchronous);
+        }
+        if let Some(name) = args.instance_name.or(file.instance_name) {
+            s.instance_name = name;
+        }
+        if let Some(w) = file.webhooks {
+            let d = &mut s.webhooks;
+            d.poll_ms = w.poll_ms.unwrap_or(d.poll_ms).max(10);
+            d.backoff_base_ms = w.backoff_base_ms.unwrap_or(d.backoff_base_ms).max(1);
+            d.max_backoff_s = w.max_backoff_s.unwrap_or(d.max_backoff_s).max(1);
+            d.concurrency = w.concurrency.unwrap_or(d.concurrency).max(1);
         }
         s.tokens =
             file.tokens.into_iter().map(|t| TokenEntry { name: t.name, role: t.role, sha256: t.sha256 }).collect();

@@ -20,3 +20,4 @@ pub mod startup;
 pub mod store;
 pub mod template;
 pub mod tokens;
+pub mod webhooks;

@@ -3,7 +3,7 @@
 //! store (object and audit entry in one transaction), then swap a new catalog into
 //! the engine.
 //!
-//! Architecture Invariant: every change to rules or policies goes through the
+//! Architecture Invariant: every change to rules, policies or webhooks goes through the
 //! registry, under its write lock; memory changes only after the store committed, and
 //! nothing is stored when validation fails.
 
@@ -20,6 +20,7 @@ use crate::policy_files::{self, FileProblem, LoadedFile};
 use crate::rule::{FieldError, Rule, RuleSpec, SOURCE_API};
 use crate::secret::Secret;
 use crate::store::{now_string, AuditAction, AuditDraft, Change, ObjectKind, Store, StoreError, StoredObject};
+use crate::webhooks::{Webhook, WebhookSpec, Webhooks};
 
 /// Rules and policies by origin.
 #[derive(Debug, Default, Clone)]
@@ -27,6 +28,8 @@ pub struct Objects {
     pub files: Vec<LoadedFile>,
     pub api_rules: BTreeMap<String, Arc<Rule>>,
     pub api_policies: BTreeMap<String, Arc<Policy>>,
+    /// Webhooks exist only over the API (SPEC §10).
+    pub webhooks: BTreeMap<String, Arc<Webhook>>,
 }
 
 impl Objects {
@@ -69,6 +72,7 @@ pub enum RegistryError {
 pub struct Registry {
     objects: Mutex<Objects>,
     engine: Arc<Engine>,
+    webhooks: Arc<Webhooks>,
     store: Arc<dyn Store>,
     policies_dir: PathBuf,
     files_loaded: std::sync::atomic::AtomicBool,
@@ -76,8 +80,20 @@ pub struct Registry {
 
 impl Registry {
     /// A registry over an engine and a store.
-    pub fn new(engine: Arc<Engine>, store: Arc<dyn Store>, policies_dir: PathBuf) -> Registry {
-        Registry { objects: Mutex::new(Objects::default()), engine, store, policies_dir, files_loaded: false.into() }
+    pub fn new(engine: Arc<Engine>, webhooks: Arc<Webhooks>, store: Arc<dyn Store>, policies_dir: PathBuf) -> Registry {
+        Registry {
+            objects: Mutex::new(Objects::default()),
+            engine,
+            webhooks,
+            store,
+            policies_dir,
+            files_loaded: false.into(),
+        }
+    }
+
+    /// The webhooks in force.
+    pub fn webhooks(&self) -> &Arc<Webhooks> {
+        &self.webhooks
     }
 
     /// Whether policy files have loaded (readiness).
@@ -104,6 +120,7 @@ impl Registry {
         let mut next = guard.clone();
         next.api_rules.clear();
         next.api_policies.clear();
+        next.webhooks.clear();
         for obj in &stored {
             put_stored(&mut next, obj);
         }
@@ -126,7 +143,9 @@ impl Registry {
             (None, ObjectKind::Policy) => {
                 next.api_policies.remove(id);
             }
-            (None, ObjectKind::Webhook) => return,
+            (None, ObjectKind::Webhook) => {
+                next.webhooks.remove(id);
+            }
         }
         match self.install(&mut guard, next) {
             Ok(()) => tracing::debug!(kind = kind.as_str(), id, "applied a change from another replica"),
@@ -137,6 +156,7 @@ impl Registry {
     fn install(&self, guard: &mut Objects, next: Objects) -> Result<(), Vec<(String, FieldError)>> {
         let catalog = next.catalog()?;
         self.engine.replace_catalog(catalog);
+        self.webhooks.replace(next.webhooks.clone());
         *guard = next;
         Ok(())
     }
@@ -419,6 +439,105 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// Creates a webhook. The answer's webhook holds its signing secret (generated
+    /// when not given), for the create answer to show once.
+    pub async fn create_webhook(&self, actor: &str, mut spec: WebhookSpec) -> Result<Arc<Webhook>, RegistryError> {
+        let mut guard = self.objects.lock().await;
+        let id = spec.id.get_or_insert_with(generated_id).clone();
+        if guard.webhooks.contains_key(&id) {
+            return Err(RegistryError::Conflict(format!("webhook `{id}` already exists")));
+        }
+        // The mask stands for "the stored value", and a new webhook has none.
+        for path in ["auth.password", "auth.value", "auth.client_secret", "signing_secret"] {
+            if let Some(slot) = spec.secret_mut(path) {
+                if slot.as_ref().is_some_and(Secret::is_mask) {
+                    *slot = None;
+                }
+            }
+        }
+        let now = now_string();
+        let mut hook = Webhook::compile(spec, SOURCE_API, 1).map_err(RegistryError::Validation)?;
+        hook.created_at.clone_from(&now);
+        hook.updated_at = now;
+        let hook = Arc::new(hook);
+        self.commit_webhook(&mut guard, actor, AuditAction::Create, None, Some(hook.clone())).await?;
+        Ok(hook)
+    }
+
+    /// Replaces a webhook. Secrets left out or sent as the mask keep their stored values.
+    pub async fn update_webhook(
+        &self,
+        actor: &str,
+        id: &str,
+        mut spec: WebhookSpec,
+    ) -> Result<Arc<Webhook>, RegistryError> {
+        let mut guard = self.objects.lock().await;
+        let old = guard.webhooks.get(id).cloned().ok_or_else(|| RegistryError::NotFound("webhook", id.to_owned()))?;
+        check_body_id(spec.id.as_deref(), id)?;
+        spec.id = Some(id.to_owned());
+        for (path, stored) in old.spec.secrets() {
+            if let Some(slot) = spec.secret_mut(path) {
+                if slot.as_ref().is_none_or(Secret::is_mask) {
+                    *slot = Some(stored.clone());
+                }
+            }
+        }
+        let mut hook = Webhook::compile(spec, SOURCE_API, old.version + 1).map_err(RegistryError::Validation)?;
+        hook.created_at.clone_from(&old.created_at);
+        hook.updated_at = now_string();
+        let hook = Arc::new(hook);
+        self.commit_webhook(&mut guard, actor, AuditAction::Update, Some(old), Some(hook.clone())).await?;
+        Ok(hook)
+    }
+
+    /// Deletes a webhook; its pending deliveries fail when next due.
+    pub async fn delete_webhook(&self, actor: &str, id: &str) -> Result<(), RegistryError> {
+        let mut guard = self.objects.lock().await;
+        let old = guard.webhooks.get(id).cloned().ok_or_else(|| RegistryError::NotFound("webhook", id.to_owned()))?;
+        self.commit_webhook(&mut guard, actor, AuditAction::Delete, Some(old), None).await
+    }
+
+    async fn commit_webhook(
+        &self,
+        guard: &mut Objects,
+        actor: &str,
+        action: AuditAction,
+        before: Option<Arc<Webhook>>,
+        after: Option<Arc<Webhook>>,
+    ) -> Result<(), RegistryError> {
+        let id = after.as_ref().or(before.as_ref()).map(|h| h.id.clone()).unwrap_or_default();
+        let change = match &after {
+            Some(h) => Change::Put(StoredObject {
+                kind: ObjectKind::Webhook,
+                id: h.id.clone(),
+                source: h.source.clone(),
+                version: h.version,
+                doc: h.to_json(),
+                secrets: h.spec.secrets().into_iter().map(|(k, v)| (k.to_owned(), v.expose().to_owned())).collect(),
+                created_at: h.created_at.clone(),
+                updated_at: h.updated_at.clone(),
+            }),
+            None => Change::Delete { kind: ObjectKind::Webhook, id: id.clone() },
+        };
+        let audit = AuditDraft {
+            actor: actor.to_owned(),
+            action,
+            object_type: "webhook".into(),
+            object_id: id.clone(),
+            before: before.as_deref().map(Webhook::to_json),
+            after: after.as_deref().map(Webhook::to_json),
+        };
+        self.store.commit(vec![change], vec![audit]).await?;
+        match after {
+            Some(h) => guard.webhooks.insert(id, h),
+            None => guard.webhooks.remove(&id),
+        };
+        self.webhooks.replace(guard.webhooks.clone());
+        Ok(())
+    }
+}
+
 /// Puts a stored object into an object set (skipping, with an error, one that does
 /// not compile).
 fn put_stored(next: &mut Objects, obj: &StoredObject) {
@@ -435,7 +554,12 @@ fn put_stored(next: &mut Objects, obj: &StoredObject) {
             }
             Err(problems) => tracing::error!(policy = %obj.id, ?problems, "stored policy does not compile; skipped"),
         },
-        ObjectKind::Webhook => {}
+        ObjectKind::Webhook => match webhook_from_store(obj) {
+            Ok(h) => {
+                next.webhooks.insert(h.id.clone(), Arc::new(h));
+            }
+            Err(problems) => tracing::error!(webhook = %obj.id, ?problems, "stored webhook does not compile; skipped"),
+        },
     }
 }
 
@@ -492,6 +616,20 @@ fn rule_from_store(obj: &StoredObject) -> Result<Rule, Vec<FieldError>> {
     rule.created_at.clone_from(&obj.created_at);
     rule.updated_at.clone_from(&obj.updated_at);
     Ok(rule)
+}
+
+fn webhook_from_store(obj: &StoredObject) -> Result<Webhook, Vec<FieldError>> {
+    let mut spec: WebhookSpec = serde_json::from_value(strip_read_only(&obj.doc))
+        .map_err(|e| vec![FieldError::new("-", format!("stored webhook does not parse: {e}"))])?;
+    for (path, value) in &obj.secrets {
+        if let Some(slot) = spec.secret_mut(path) {
+            *slot = Some(Secret::new(value.clone()));
+        }
+    }
+    let mut hook = Webhook::compile(spec, &obj.source, obj.version)?;
+    hook.created_at.clone_from(&obj.created_at);
+    hook.updated_at.clone_from(&obj.updated_at);
+    Ok(hook)
 }
 
 fn policy_from_store(obj: &StoredObject) -> Result<Policy, Vec<FieldError>> {

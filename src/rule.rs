@@ -43,6 +43,26 @@ pub struct KeyValue {
     pub value: String,
 }
 
+/// An extra token-request parameter of OAuth2 client credentials: `{"key", "value",
+/// "in"}`, `in` being `body` (default: a form field, or a query parameter for a `GET`
+/// token request), `query` or `header`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AuthParam {
+    pub key: String,
+    pub value: String,
+    #[serde(default, rename = "in", skip_serializing_if = "Option::is_none")]
+    pub in_: Option<String>,
+}
+
+/// Where an OAuth2 token-request parameter goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ParamIn {
+    Body,
+    Query,
+    Header,
+}
+
 /// Where a managed object came from.
 pub const SOURCE_API: &str = "api";
 
@@ -115,7 +135,7 @@ pub struct AuthSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_method: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub params: Option<Vec<KeyValue>>,
+    pub params: Option<Vec<AuthParam>>,
     /// How the client authenticates to the token endpoint: `body` (default,
     /// `client_secret_post`) or `basic` (`client_secret_basic`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -150,7 +170,7 @@ pub struct OAuthClient {
     pub client_secret: Secret,
     pub scopes: Vec<String>,
     pub token_method_get: bool,
-    pub params: Vec<(String, String)>,
+    pub params: Vec<(ParamIn, String, String)>,
     pub basic_client_auth: bool,
 }
 
@@ -688,7 +708,43 @@ fn form_template(value: &Value, errors: &mut Vec<FieldError>) -> Option<Vec<(Str
     Some(fields)
 }
 
-fn compile_auth(spec: Option<&AuthSpec>, errors: &mut Vec<FieldError>) -> Option<Auth> {
+fn compile_auth_params(params: &[AuthParam], errors: &mut Vec<FieldError>) -> Vec<(ParamIn, String, String)> {
+    let mut out = Vec::with_capacity(params.len());
+    for (i, p) in params.iter().enumerate() {
+        let field = |name: &str| format!("auth.params[{i}].{name}");
+        if p.key.is_empty() {
+            errors.push(FieldError::new(field("key"), "must not be empty"));
+        }
+        no_placeholder(&p.key, &field("key"), "auth settings", errors);
+        no_placeholder(&p.value, &field("value"), "auth settings", errors);
+        let place = match p.in_.as_deref() {
+            None | Some("body") => ParamIn::Body,
+            Some("query") => ParamIn::Query,
+            Some("header") => {
+                if HeaderName::from_bytes(p.key.as_bytes()).is_err() {
+                    errors.push(FieldError::new(field("key"), format!("`{}` is not a valid header name", p.key)));
+                }
+                if reqwest::header::HeaderValue::from_str(&p.value).is_err() {
+                    errors.push(FieldError::new(field("value"), "holds characters that cannot go in a header"));
+                }
+                ParamIn::Header
+            }
+            Some(other) => {
+                errors.push(FieldError::new(
+                    field("in"),
+                    format!("`{other}` is not supported; use `body`, `query` or `header`"),
+                ));
+                ParamIn::Body
+            }
+        };
+        out.push((place, p.key.clone(), p.value.clone()));
+    }
+    out
+}
+
+/// Compiles an `auth` object (rules and webhooks); every problem goes to `errors`
+/// with a field path under `auth.`.
+pub(crate) fn compile_auth(spec: Option<&AuthSpec>, errors: &mut Vec<FieldError>) -> Option<Auth> {
     let Some(spec) = spec else { return Some(Auth::None) };
     let before = errors.len();
     let mut required = |name: &str, present: bool| {
@@ -771,7 +827,7 @@ fn compile_auth(spec: Option<&AuthSpec>, errors: &mut Vec<FieldError>) -> Option
                 client_secret: spec.client_secret.clone().unwrap_or_default(),
                 scopes: spec.scopes.clone().unwrap_or_default(),
                 token_method_get,
-                params: spec.params.iter().flatten().map(|kv| (kv.key.clone(), kv.value.clone())).collect(),
+                params: compile_auth_params(spec.params.as_deref().unwrap_or_default(), errors),
                 basic_client_auth,
             })))
         }

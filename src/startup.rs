@@ -11,7 +11,7 @@ use crate::config::Settings;
 use crate::engine::Engine;
 use crate::logs::activity::{spawn_retention, ActivityWriter, ActivityWriterConfig};
 use crate::metrics::Metrics;
-use crate::outbound::{HttpOutbound, OutboundConfig};
+use crate::outbound::{HttpOutbound, Outbound, OutboundConfig};
 use crate::policy::Catalog;
 use crate::policy_files::FileProblem;
 use crate::registry::Registry;
@@ -20,6 +20,8 @@ use crate::store::postgres::ChangeEvent;
 use crate::store::spool::SpoolingStore;
 use crate::store::{PgStore, SqliteOptions, SqliteStore, Store};
 use crate::tokens::{self, TokenSet};
+use crate::webhooks::deliver::Deliverer;
+use crate::webhooks::{self, Webhooks};
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -91,8 +93,13 @@ impl Application {
         let spool = Arc::new(SpoolingStore::new(backend, &data_dir).map_err(|e| StartError::Store(e.to_string()))?);
         spool.spawn_drainer(std::time::Duration::from_secs(1));
         let store: Arc<dyn Store> = spool;
-        let engine = Arc::new(Engine::new(Catalog::default(), Arc::new(outbound), metrics.clone(), settings.engine));
-        let registry = Arc::new(Registry::new(engine.clone(), store.clone(), settings.policies.clone()));
+        let outbound: Arc<dyn Outbound> = Arc::new(outbound);
+        let engine = Arc::new(Engine::new(Catalog::default(), outbound.clone(), metrics.clone(), settings.engine));
+        let webhooks = Arc::new(Webhooks::new(&settings.instance_name, &settings.replica_name));
+        // `config.changed` events are written in the same transaction as their audit entry.
+        store.set_audit_hook(webhooks::audit_hook(&webhooks));
+        let registry =
+            Arc::new(Registry::new(engine.clone(), webhooks.clone(), store.clone(), settings.policies.clone()));
         registry.load_store().await.map_err(|e| StartError::Store(e.to_string()))?;
         if let Some(pg) = postgres {
             spawn_follow_replicas(pg, registry.clone());
@@ -107,7 +114,27 @@ impl Application {
         let activity = ActivityWriter::start(store.clone(), ActivityWriterConfig::default());
         metrics.watch_activity(activity.clone());
         spawn_retention(store.clone(), settings.activity_retention_days, std::time::Duration::from_secs(3600));
-        let state = web::Data::new(AppState { settings, tokens, engine, registry, metrics, store, activity });
+        let deliverer = Deliverer::new(
+            webhooks.clone(),
+            store.clone(),
+            outbound,
+            settings.webhooks.clone(),
+            &settings.replica_name,
+            &metrics,
+        );
+        tokio::spawn(deliverer.clone().run());
+        spawn_circuit_events(&engine, webhooks.clone(), store.clone());
+        let state = web::Data::new(AppState {
+            settings,
+            tokens,
+            engine,
+            registry,
+            metrics,
+            store,
+            activity,
+            webhooks,
+            deliverer,
+        });
         let server_state = state.clone();
         let server = HttpServer::new(move || App::new().app_data(server_state.clone()).configure(api::routes))
             .listen(listener)
@@ -225,6 +252,31 @@ fn spawn_stop_on_signal(server: actix_web::dev::ServerHandle) {
         };
         tracing::info!(signal = name, "stopping: no new connections, finishing requests in flight");
         server.stop(true).await;
+    });
+}
+
+/// Records `circuit.opened` / `circuit.closed` events for the webhooks that want them.
+fn spawn_circuit_events(engine: &Engine, webhooks: Arc<Webhooks>, store: Arc<dyn Store>) {
+    let mut transitions = engine.circuit_transitions();
+    tokio::spawn(async move {
+        loop {
+            let transition = match transitions.recv().await {
+                Ok(t) => t,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "circuit events fell behind; some were not sent to webhooks");
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            let events = webhooks.circuit_events(&transition);
+            if events.is_empty() {
+                continue;
+            }
+            match store.enqueue_events(&events).await {
+                Ok(()) => webhooks.wake(),
+                Err(e) => tracing::warn!(error = %e, "could not record a circuit event for webhooks"),
+            }
+        }
     });
 }
 

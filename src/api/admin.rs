@@ -37,8 +37,8 @@ pub const TEST_BODY_LIMIT: usize = 4096;
 /// Id given to an unsaved rule that has none, so it can be compiled for a test.
 const UNSAVED_RULE_ID: &str = "unsaved";
 
-const READERS: &[Role] = &[Role::Auditor, Role::Admin];
-const WRITERS: &[Role] = &[Role::Admin];
+pub(super) const READERS: &[Role] = &[Role::Auditor, Role::Admin];
+pub(super) const WRITERS: &[Role] = &[Role::Admin];
 
 /// Registers this module's routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -452,7 +452,7 @@ fn header_map(headers: Vec<(String, String)>) -> BTreeMap<String, String> {
 
 /// The first [`TEST_BODY_LIMIT`] bytes as text; a valid UTF-8 body is cut at a character
 /// boundary, anything else is decoded lossily.
-fn body_prefix(body: &[u8]) -> String {
+pub(super) fn body_prefix(body: &[u8]) -> String {
     let mut end = body.len().min(TEST_BODY_LIMIT);
     if let Ok(text) = std::str::from_utf8(body) {
         while !text.is_char_boundary(end) {
@@ -610,7 +610,7 @@ pub async fn delete_policy(
 // Shared plumbing
 // ---------------------------------------------------------------------------------
 
-fn registry_error(e: RegistryError) -> ApiError {
+pub(super) fn registry_error(e: RegistryError) -> ApiError {
     match e {
         RegistryError::NotFound(what, id) => ApiError::not_found(what, &id),
         RegistryError::Conflict(message) => ApiError::conflict(message),
@@ -651,7 +651,7 @@ fn prefixed(prefix: &str, field: &str) -> String {
 
 /// Parses an object as GET shows it: read-only fields dropped, then the spec, with the
 /// path of a field of the wrong type (under `prefix`) in the 400.
-fn parse_object<T: DeserializeOwned>(doc: Value, prefix: &str) -> Result<T, ApiError> {
+pub(super) fn parse_object<T: DeserializeOwned>(doc: Value, prefix: &str) -> Result<T, ApiError> {
     if !doc.is_object() {
         let what = if prefix.is_empty() { "the body".to_owned() } else { format!("`{prefix}`") };
         return Err(ApiError::malformed(format!("{what} must be a JSON object")));
@@ -672,7 +672,7 @@ const RULE_CURSOR: &str = "rule";
 const POLICY_CURSOR: &str = "policy";
 
 /// `limit` and `cursor` from the query string; out of range or unreadable is a 400.
-fn page_params(req: &HttpRequest) -> Result<Page, ApiError> {
+pub(super) fn page_params(req: &HttpRequest) -> Result<Page, ApiError> {
     let mut page = Page { limit: Page::DEFAULT_LIMIT, cursor: None };
     for (key, value) in url::form_urlencoded::parse(req.query_string().as_bytes()) {
         match key.as_ref() {
@@ -705,7 +705,7 @@ fn decode_cursor(kind: &str, cursor: &str) -> Result<String, ApiError> {
 
 /// One page of a map sorted by id: the items after the cursor's id, and the cursor of
 /// the next page when more follow.
-fn paginate<T>(
+pub(super) fn paginate<T>(
     all: &BTreeMap<String, Arc<T>>,
     kind: &str,
     page: &Page,

@@ -165,7 +165,7 @@ async fn finish(state: &AppState, ctx: &RequestContext, via: Via, started: Insta
     let mut rule_ids: Vec<String> = decision.rules.iter().map(|r| r.rule_id.clone()).collect();
     rule_ids.sort_unstable();
     rule_ids.dedup();
-    let record = ActivityRecord {
+    let mut record = ActivityRecord {
         decision_id: decision.decision_id.clone(),
         time: format_time(now),
         time_us: unix_micros(now),
@@ -181,10 +181,17 @@ async fn finish(state: &AppState, ctx: &RequestContext, via: Via, started: Insta
         latency_ms,
         via: via.as_str().to_owned(),
         replica: state.settings.replica_name.clone(),
+        outbox: Vec::new(),
     };
+    // Webhook events ride in the same durable write as the entry (the outbox).
+    record.outbox = state.webhooks.decision_events(&record, &decision.rules);
+    let has_events = !record.outbox.is_empty();
     if let Err(e) = state.activity.record_prepared(record).await {
         tracing::error!(error = %e, decision_id = %decision.decision_id, "activity entry not recorded; refusing to answer");
         return Err(ApiError::store_unavailable());
+    }
+    if has_events {
+        state.webhooks.wake();
     }
     state.metrics.decision(decision.decision.as_str(), via.as_str(), started.elapsed());
     Ok(Answered { decision_id: decision.decision_id, decision: decision.decision, reason: decision.reason, body })

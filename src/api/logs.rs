@@ -285,7 +285,7 @@ fn decision(value: String) -> Result<String, ApiError> {
 
 /// A store failure as the caller sees it: a cursor it made up is its mistake (400), an
 /// unreachable store a 503, anything else our fault (500, details in the log).
-fn store_error(e: StoreError, doing: &str) -> ApiError {
+pub(super) fn store_error(e: StoreError, doing: &str) -> ApiError {
     match e {
         StoreError::BadCursor => ApiError::bad_field(
             "cursor",

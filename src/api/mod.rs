@@ -8,6 +8,7 @@ pub mod extract;
 pub mod logs;
 pub mod openapi;
 pub mod system;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -30,6 +31,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub store: Arc<dyn Store>,
     pub activity: ActivityWriter,
+    /// The webhooks in force, and what builds their events.
+    pub webhooks: Arc<crate::webhooks::Webhooks>,
+    /// Sends webhook calls (the test endpoint; the delivery loop runs on its own).
+    pub deliverer: Arc<crate::webhooks::deliver::Deliverer>,
 }
 
 /// Registers every route.
@@ -42,5 +47,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(system::metrics))
         .route("/openapi.json", web::get().to(openapi::openapi_json));
     admin::routes(cfg);
+    webhooks::routes(cfg);
     logs::routes(cfg);
 }

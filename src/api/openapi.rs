@@ -13,7 +13,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::error::ErrorBody;
-use super::{admin, decisions, logs, system};
+use super::{admin, decisions, logs, system, webhooks};
 
 /// The OpenAPI description of verdict's HTTP API.
 #[derive(OpenApi)]
@@ -21,7 +21,7 @@ use super::{admin, decisions, logs, system};
     info(
         title = "verdict",
         description = "Access decisions for zero-trust gateways: decisions, rule and policy administration, \
-                       audit and activity logs. Every `/v1` endpoint needs `Authorization: Bearer <token>`; \
+                       audit and activity logs, event webhooks. Every `/v1` endpoint needs `Authorization: Bearer <token>`; \
                        a token's role (`proxy`, `auditor`, `admin`) decides what it may do."
     ),
     paths(
@@ -47,6 +47,14 @@ use super::{admin, decisions, logs, system};
         admin::create_policy,
         admin::update_policy,
         admin::delete_policy,
+        webhooks::list_webhooks,
+        webhooks::get_webhook,
+        webhooks::create_webhook,
+        webhooks::update_webhook,
+        webhooks::delete_webhook,
+        webhooks::test_webhook,
+        webhooks::list_deliveries,
+        webhooks::retry_delivery,
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerToken),
@@ -54,6 +62,7 @@ use super::{admin, decisions, logs, system};
         (name = "decisions", description = "Allow or deny, for gateways (role `proxy`)"),
         (name = "rules", description = "Custom rules, their dry runs, and the placeholders they may use"),
         (name = "policies", description = "Policies: which rules cover which applications and subjects"),
+        (name = "webhooks", description = "Event notifications to SIEM/SOAR tools: webhooks, test calls, deliveries"),
         (name = "logs", description = "The audit log (changes) and the activity log (decisions), for auditors"),
         (name = "system", description = "Liveness, readiness, metrics and this document; no token needed"),
     )

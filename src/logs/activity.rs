@@ -374,6 +374,7 @@ mod tests {
             latency_ms: 0.7,
             via: "forward-auth".into(),
             replica: "r-1".into(),
+            outbox: Vec::new(),
         }
     }
 

@@ -12,7 +12,7 @@ use oauth2::TokenResponse as _;
 
 use super::{describe, read_capped, CallError};
 use crate::metrics::Metrics;
-use crate::rule::OAuthClient;
+use crate::rule::{OAuthClient, ParamIn};
 use crate::secret::Secret;
 
 /// Lifetime assumed when the token endpoint gives no `expires_in`.
@@ -68,8 +68,14 @@ impl TokenCache {
         if !scope.is_empty() {
             form.push(("scope", &scope));
         }
-        for (k, v) in &oauth.params {
-            form.push((k, v));
+        let mut query: Vec<(&str, &str)> = Vec::new();
+        let mut headers: Vec<(&str, &str)> = Vec::new();
+        for (place, k, v) in &oauth.params {
+            match place {
+                ParamIn::Body => form.push((k, v)),
+                ParamIn::Query => query.push((k, v)),
+                ParamIn::Header => headers.push((k, v)),
+            }
         }
         if !oauth.basic_client_auth {
             form.push(("client_id", &oauth.client_id));
@@ -80,6 +86,12 @@ impl TokenCache {
         } else {
             self.client.post(&oauth.token_url).form(&form)
         };
+        if !query.is_empty() {
+            req = req.query(&query);
+        }
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
         if oauth.basic_client_auth {
             req = req.basic_auth(&oauth.client_id, Some(oauth.client_secret.expose()));
         }

@@ -15,6 +15,11 @@
 //!   they came from; a cursor that does not decode is [`StoreError::BadCursor`].
 //! - `Page::limit` is clamped to `1..=1000` ([`Page::MAX_LIMIT`]); the API layer rejects
 //!   out-of-range values before they get here.
+//! - Webhook events go through an outbox (SPEC §10): rows written in the same transaction
+//!   as what caused them ([`ActivityEntry::outbox`] with its entry, the [`AuditHook`]'s
+//!   events with `commit`), delivered later by a worker that claims due rows with a lease
+//!   ([`Store::claim_deliveries`]). The behaviour every store must have is written once,
+//!   in `outbox_conformance`, and run against each.
 
 pub mod postgres;
 pub mod spool;
@@ -250,6 +255,13 @@ pub struct ActivityEntry {
     pub via: String,
     /// The replica that decided.
     pub replica: String,
+    /// Webhook events of this decision, written to the outbox in the same transaction as
+    /// the entry (SPEC §10: nothing is lost). Carried here so a spooled entry keeps its
+    /// events until the spool drains; never part of an API answer (entries read back
+    /// from a store always have none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(ignore)]
+    pub outbox: Vec<OutboxEvent>,
 }
 
 /// How durable an activity batch is when its commit returns (`[activity_log]
@@ -303,6 +315,8 @@ pub struct ActivityRecord {
     pub via: String,
     /// As [`ActivityEntry::replica`].
     pub replica: String,
+    /// As [`ActivityEntry::outbox`]: inserted in the batch's transaction.
+    pub outbox: Vec<OutboxEvent>,
 }
 
 impl ActivityRecord {
@@ -329,6 +343,7 @@ impl ActivityRecord {
             latency_ms: entry.latency_ms,
             via: entry.via.clone(),
             replica: entry.replica.clone(),
+            outbox: entry.outbox.clone(),
         })
     }
 
@@ -353,6 +368,7 @@ impl ActivityRecord {
             latency_ms: self.latency_ms,
             via: self.via.clone(),
             replica: self.replica.clone(),
+            outbox: self.outbox.clone(),
         })
     }
 }
@@ -364,6 +380,170 @@ impl ActivityRecord {
 pub trait ActivitySink: Send {
     /// Inserts the batch in one transaction.
     fn insert(&mut self, batch: &[ActivityRecord]) -> Result<(), StoreError>;
+}
+
+/// One event for one webhook, written to the outbox (SPEC §10).
+///
+/// The outbox is how delivery stays "at least once, and nothing is lost": an event is a
+/// row written in the same transaction as what caused it (a decision's activity entry,
+/// an audit entry), and a background worker delivers the rows later. The store treats
+/// the content as opaque; only `(webhook_id, event_id)` matters to it, as the key that
+/// makes a repeated write (a retried or replayed batch) a no-op.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEvent {
+    /// The webhook that receives the event.
+    pub webhook_id: String,
+    /// The event's UUID; the same for every webhook receiving this event, and on every
+    /// attempt (receivers de-duplicate on it).
+    pub event_id: String,
+    /// E.g. `decision.denied`.
+    pub event_type: String,
+    /// The envelope JSON text, sent as the body (opaque to the store).
+    pub payload: String,
+    /// Attempts before the delivery is `failed`.
+    pub max_attempts: u32,
+}
+
+/// Where a delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryState {
+    /// Waiting for its next attempt (or in flight).
+    Pending,
+    /// A 2xx answer was received.
+    Delivered,
+    /// Out of attempts, or an answer that retrying cannot fix.
+    Failed,
+}
+
+impl DeliveryState {
+    /// The state as stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Failed => "failed",
+        }
+    }
+
+    /// The inverse of [`DeliveryState::as_str`].
+    pub fn parse(s: &str) -> Option<DeliveryState> {
+        match s {
+            "pending" => Some(DeliveryState::Pending),
+            "delivered" => Some(DeliveryState::Delivered),
+            "failed" => Some(DeliveryState::Failed),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for DeliveryState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One (webhook, event) delivery as the store keeps it; serialises as
+/// `GET /v1/webhooks/{id}/deliveries` shows it (without the row id and the payload).
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Delivery {
+    /// The store's row id: what [`Store::finish_delivery`] takes.
+    #[serde(skip)]
+    pub id: i64,
+    /// The webhook.
+    pub webhook_id: String,
+    /// The event's UUID (`X-Verdict-Event-Id`).
+    pub event_id: String,
+    /// The event type, e.g. `decision.denied`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Where it stands.
+    pub state: DeliveryState,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// HTTP status of the last attempt, when it got an answer.
+    pub last_status: Option<u16>,
+    /// Why the last attempt did not deliver.
+    pub last_error: Option<String>,
+    /// RFC 3339 time of the next attempt while `pending`; `None` otherwise.
+    pub next_attempt_at: Option<String>,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+    /// RFC 3339 UTC of the last state change.
+    pub updated_at: String,
+    /// The body to send (the event envelope); not shown.
+    #[serde(skip)]
+    pub payload: String,
+}
+
+/// The result of one attempt (or a manual state change), written by
+/// [`Store::finish_delivery`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryUpdate {
+    /// The new state.
+    pub state: DeliveryState,
+    /// Attempts made, this one included.
+    pub attempts: u32,
+    /// HTTP status of this attempt, when it got an answer.
+    pub last_status: Option<u16>,
+    /// Why this attempt did not deliver.
+    pub last_error: Option<String>,
+    /// µs since the Unix epoch of the next attempt; meaningful when `state` is `Pending`.
+    pub next_attempt_us: i64,
+}
+
+/// Builds the outbox events of an audit entry (`config.changed`). [`Store::commit`] calls
+/// it for each entry it seals, inside its transaction, so the events are written if and
+/// only if the entry is; it must be quick and must not touch the store.
+pub type AuditHook = std::sync::Arc<dyn Fn(&AuditEntry) -> Vec<OutboxEvent> + Send + Sync>;
+
+/// A delivery row as both stores read it, before its values are checked.
+pub(crate) struct RawDelivery {
+    pub id: i64,
+    pub webhook_id: String,
+    pub event_id: String,
+    pub event_type: String,
+    pub state: String,
+    pub attempts: i64,
+    pub max_attempts: i64,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+    pub next_attempt_us: i64,
+    pub created_at: String,
+    pub updated_at: String,
+    pub payload: String,
+}
+
+/// The columns [`RawDelivery`] is read from, in its field order.
+pub(crate) const DELIVERY_COLUMNS: &str = "id, webhook_id, event_id, event_type, state, attempts, max_attempts, \
+     last_status, last_error, next_attempt_us, created_at, updated_at, payload";
+
+impl RawDelivery {
+    /// The delivery; an unknown state or an out-of-range number is corrupt data.
+    pub(crate) fn into_delivery(self) -> Result<Delivery, StoreError> {
+        let id = self.id;
+        let corrupt = |what: &str| StoreError::Corrupt(format!("webhook delivery {id} has an invalid {what}"));
+        let state = DeliveryState::parse(&self.state).ok_or_else(|| corrupt("state"))?;
+        let next_attempt_at =
+            (state == DeliveryState::Pending).then(|| format_time(from_unix_micros(self.next_attempt_us)));
+        Ok(Delivery {
+            id,
+            webhook_id: self.webhook_id,
+            event_id: self.event_id,
+            event_type: self.event_type,
+            state,
+            attempts: u32::try_from(self.attempts).map_err(|_| corrupt("attempt count"))?,
+            max_attempts: u32::try_from(self.max_attempts).map_err(|_| corrupt("max_attempts"))?,
+            last_status: self.last_status.map(u16::try_from).transpose().map_err(|_| corrupt("last_status"))?,
+            last_error: self.last_error,
+            next_attempt_at,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            payload: self.payload,
+        })
+    }
 }
 
 /// Filters for [`Store::list_audit`]; every field set must match.
@@ -556,8 +736,18 @@ pub fn unix_micros(t: OffsetDateTime) -> i64 {
     i64::try_from(micros).unwrap_or(if micros < 0 { i64::MIN } else { i64::MAX })
 }
 
+/// The inverse of [`unix_micros`] (saturating at the limits `OffsetDateTime` can hold).
+pub fn from_unix_micros(us: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000).unwrap_or(if us < 0 {
+        time::PrimitiveDateTime::MIN.assume_utc()
+    } else {
+        time::PrimitiveDateTime::MAX.assume_utc()
+    })
+}
+
 const AUDIT_CURSOR_TAG: &str = "a1";
 const ACTIVITY_CURSOR_TAG: &str = "c1";
+const DELIVERY_CURSOR_TAG: &str = "d1";
 
 /// Cursor of an audit listing: entries with `seq` below `seq` come next.
 pub fn encode_audit_cursor(seq: i64) -> String {
@@ -580,6 +770,17 @@ pub fn decode_activity_cursor(cursor: &str) -> Result<(i64, i64), StoreError> {
     let text = decode_cursor_text(cursor, ACTIVITY_CURSOR_TAG)?;
     let (t, id) = text.split_once(':').ok_or(StoreError::BadCursor)?;
     Ok((t.parse().map_err(|_| StoreError::BadCursor)?, id.parse().map_err(|_| StoreError::BadCursor)?))
+}
+
+/// Cursor of a delivery listing: rows with an `id` below `id` come next.
+pub fn encode_delivery_cursor(id: i64) -> String {
+    B64URL.encode(format!("{DELIVERY_CURSOR_TAG}:{id}"))
+}
+
+/// The inverse of [`encode_delivery_cursor`].
+pub fn decode_delivery_cursor(cursor: &str) -> Result<i64, StoreError> {
+    let text = decode_cursor_text(cursor, DELIVERY_CURSOR_TAG)?;
+    text.parse().map_err(|_| StoreError::BadCursor)
 }
 
 fn decode_cursor_text(cursor: &str, tag: &str) -> Result<String, StoreError> {
@@ -632,6 +833,83 @@ pub trait Store: Send + Sync + 'static {
     async fn prune_activity(&self, older_than: OffsetDateTime) -> Result<u64, StoreError>;
     /// Checks that the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    // The webhook outbox (SPEC §10). Decision events are written by `insert_activity` /
+    // the activity sink from [`ActivityEntry::outbox`], config events by `commit` through
+    // the [`AuditHook`]; the methods below write the others and drive delivery. The
+    // defaults say "not supported", so a store without an outbox (a test fake) still
+    // compiles; SQLite and PostgreSQL implement them all.
+
+    /// Writes events not tied to a decision or an audit entry (circuit changes), pending
+    /// and due now, in one transaction. Idempotent on `(webhook_id, event_id)`.
+    async fn enqueue_events(&self, events: &[OutboxEvent]) -> Result<(), StoreError> {
+        let _ = events;
+        Err(outbox_unsupported())
+    }
+    /// Claims up to `limit` pending deliveries due at `now_us` and not claimed
+    /// (`claimed_until_us <= now_us`: a lease that ran out is free again), oldest due
+    /// first, marking them claimed by `owner` until `now_us + lease_us`. Two claims at
+    /// once (two replicas) never get the same row.
+    async fn claim_deliveries(
+        &self,
+        owner: &str,
+        now_us: i64,
+        lease_us: i64,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let _ = (owner, now_us, lease_us, limit);
+        Err(outbox_unsupported())
+    }
+    /// Records an attempt's result (or a manual state change) and clears the claim. A
+    /// delivery that no longer exists is not an error.
+    async fn finish_delivery(&self, id: i64, update: &DeliveryUpdate) -> Result<(), StoreError> {
+        let _ = (id, update);
+        Err(outbox_unsupported())
+    }
+    /// Clears every claim held by `owner`; returns how many. Called at start: a restarted
+    /// process re-sends what it had in flight rather than waiting for its old leases.
+    async fn release_claims(&self, owner: &str) -> Result<u64, StoreError> {
+        let _ = owner;
+        Err(outbox_unsupported())
+    }
+    /// A webhook's deliveries, newest first (by row id), paged with an opaque cursor.
+    async fn list_deliveries(&self, webhook_id: &str, page: &Page) -> Result<Listing<Delivery>, StoreError> {
+        let _ = (webhook_id, page);
+        Err(outbox_unsupported())
+    }
+    /// One delivery; `None` when it does not exist.
+    async fn get_delivery(&self, webhook_id: &str, event_id: &str) -> Result<Option<Delivery>, StoreError> {
+        let _ = (webhook_id, event_id);
+        Err(outbox_unsupported())
+    }
+    /// Makes a delivery pending again, due at `now_us`, with `extra_attempts` more
+    /// attempts than it has made (`max_attempts = attempts + extra_attempts`), claim
+    /// cleared; `last_status`/`last_error` stay until the next attempt. Whatever its state:
+    /// which states may be retried is the caller's rule. `None` when it does not exist.
+    async fn retry_delivery(
+        &self,
+        webhook_id: &str,
+        event_id: &str,
+        now_us: i64,
+        extra_attempts: u32,
+    ) -> Result<Option<Delivery>, StoreError> {
+        let _ = (webhook_id, event_id, now_us, extra_attempts);
+        Err(outbox_unsupported())
+    }
+    /// How many deliveries are pending (the outbox depth, for metrics).
+    async fn outbox_depth(&self) -> Result<u64, StoreError> {
+        Err(outbox_unsupported())
+    }
+    /// Installs the hook [`Store::commit`] calls for each audit entry it seals; the events
+    /// it returns are inserted in the same transaction as the entry. Replaces any earlier
+    /// hook. The default (a store without an outbox) ignores it.
+    fn set_audit_hook(&self, hook: AuditHook) {
+        let _ = hook;
+    }
+}
+
+fn outbox_unsupported() -> StoreError {
+    StoreError::Internal("webhook outbox not supported by this store".into())
 }
 
 #[cfg(test)]
@@ -700,5 +978,397 @@ mod tests {
                 .unwrap();
         assert_eq!(broken["ok"], false);
         assert_eq!(broken["seq"], 2);
+    }
+}
+
+/// The webhook outbox's contract, written once and run against every store (each store's
+/// tests call these with a fresh, empty store of their own).
+#[cfg(test)]
+pub(crate) mod outbox_conformance {
+    use std::future::Future;
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use super::*;
+
+    /// A lease long enough that no claim in these tests runs out by itself.
+    const LEASE: i64 = 60_000_000;
+
+    pub(crate) fn now_us() -> i64 {
+        unix_micros(OffsetDateTime::now_utc())
+    }
+
+    pub(crate) fn event(webhook_id: &str, event_id: &str) -> OutboxEvent {
+        OutboxEvent {
+            webhook_id: webhook_id.into(),
+            event_id: event_id.into(),
+            event_type: "decision.denied".into(),
+            payload: json!({"version": "1", "id": event_id, "detail-type": "Decision Denied"}).to_string(),
+            max_attempts: 8,
+        }
+    }
+
+    pub(crate) fn entry(decision_id: &str, outbox: Vec<OutboxEvent>) -> ActivityEntry {
+        ActivityEntry {
+            decision_id: decision_id.into(),
+            time: now_string(),
+            application: "payroll".into(),
+            username: Some("alice".into()),
+            remote_ip: None,
+            device_id: None,
+            decision: "deny".into(),
+            reason: "device-posture denied".into(),
+            policies: json!([{"id": "p1", "decision": "deny"}]),
+            rules: json!([{"rule_id": "device-posture", "outcome": "deny"}]),
+            latency_ms: 2.0,
+            via: "api".into(),
+            replica: "test".into(),
+            outbox,
+        }
+    }
+
+    fn keys(deliveries: &[Delivery]) -> Vec<(String, String)> {
+        deliveries.iter().map(|d| (d.webhook_id.clone(), d.event_id.clone())).collect()
+    }
+
+    fn key(webhook_id: &str, event_id: &str) -> (String, String) {
+        (webhook_id.to_string(), event_id.to_string())
+    }
+
+    fn update(state: DeliveryState, attempts: u32, status: Option<u16>, next_attempt_us: i64) -> DeliveryUpdate {
+        DeliveryUpdate {
+            state,
+            attempts,
+            last_status: status,
+            last_error: status.filter(|s| *s >= 300).map(|s| format!("HTTP {s}")),
+            next_attempt_us,
+        }
+    }
+
+    /// Every event id of a webhook's deliveries, page by page.
+    async fn listed(store: &dyn Store, webhook_id: &str, limit: usize) -> Vec<String> {
+        let mut ids = Vec::new();
+        let mut page = Page { limit, cursor: None };
+        loop {
+            let listing = store.list_deliveries(webhook_id, &page).await.unwrap();
+            assert!(listing.items.len() <= limit);
+            ids.extend(listing.items.into_iter().map(|d| d.event_id));
+            match listing.next_cursor {
+                Some(c) => page.cursor = Some(c),
+                None => return ids,
+            }
+        }
+    }
+
+    async fn delivery(store: &dyn Store, webhook_id: &str, event_id: &str) -> Delivery {
+        store.get_delivery(webhook_id, event_id).await.unwrap().unwrap_or_else(|| panic!("{webhook_id}/{event_id}"))
+    }
+
+    /// An activity batch writes its entries' events as pending deliveries, once.
+    pub(crate) async fn activity_batches_write_their_events_once(store: &dyn Store) {
+        let before = now_us();
+        let batch = vec![
+            entry("d1", vec![event("h1", "x1"), event("h2", "x1")]),
+            entry("d2", vec![]),
+            entry("d3", vec![event("h1", "x3")]),
+        ];
+        store.insert_activity(&batch).await.unwrap();
+        assert_eq!(listed(store, "h1", 10).await, ["x3", "x1"]);
+        assert_eq!(listed(store, "h2", 10).await, ["x1"]);
+        assert_eq!(store.outbox_depth().await.unwrap(), 3);
+        let d = delivery(store, "h1", "x1").await;
+        assert_eq!(
+            (d.event_type.as_str(), d.state, d.attempts, d.max_attempts, d.last_status, d.last_error.as_deref()),
+            ("decision.denied", DeliveryState::Pending, 0, 8, None, None)
+        );
+        assert_eq!(d.payload, event("h1", "x1").payload);
+        assert_eq!(d.created_at, d.updated_at);
+        let due = parse_time(d.next_attempt_at.as_deref().expect("pending: due now")).unwrap();
+        assert!(unix_micros(due) >= before && unix_micros(due) <= now_us(), "due when written");
+
+        // A retried batch adds nothing; neither does a known decision replayed with other
+        // events (they were written with the decision the first time).
+        store.insert_activity(&batch).await.unwrap();
+        store.insert_activity(&[entry("d2", vec![event("h1", "x9")])]).await.unwrap();
+        assert_eq!(store.outbox_depth().await.unwrap(), 3);
+        assert_eq!(listed(store, "h1", 10).await, ["x3", "x1"]);
+
+        // Entries read back never show their events.
+        let listing = store.list_activity(&ActivityFilter::default(), &Page::default()).await.unwrap();
+        assert_eq!(listing.items.len(), 3);
+        for e in &listing.items {
+            assert!(e.outbox.is_empty());
+            assert!(serde_json::to_value(e).unwrap().get("outbox").is_none());
+        }
+
+        // Oldest due first; a batch's events are due together, in the batch's order.
+        let claimed = store.claim_deliveries("w", now_us(), LEASE, 10).await.unwrap();
+        assert_eq!(keys(&claimed), [key("h1", "x1"), key("h2", "x1"), key("h1", "x3")]);
+    }
+
+    /// Claims take due, unclaimed, pending rows only, and hold them for the lease.
+    pub(crate) async fn claims_lease_and_finish(store: &dyn Store) {
+        assert!(store.claim_deliveries("a", now_us(), LEASE, 10).await.unwrap().is_empty());
+        store.enqueue_events(&[event("h", "e1"), event("h", "e2"), event("h", "e3")]).await.unwrap();
+        // Idempotent on (webhook_id, event_id).
+        store.enqueue_events(&[event("h", "e1")]).await.unwrap();
+        let t = now_us();
+
+        let first = store.claim_deliveries("a", t, LEASE, 2).await.unwrap();
+        assert_eq!(keys(&first), [key("h", "e1"), key("h", "e2")]);
+        assert_eq!(first[0].payload, event("h", "e1").payload, "a claim carries what to send");
+        assert_eq!((first[0].state, first[0].attempts), (DeliveryState::Pending, 0));
+        let second = store.claim_deliveries("b", t, LEASE, 10).await.unwrap();
+        assert_eq!(keys(&second), [key("h", "e3")]);
+        // Everything is claimed until the leases end.
+        assert!(store.claim_deliveries("b", t + LEASE - 1, LEASE, 10).await.unwrap().is_empty());
+
+        let (e1, e2, e3) = (first[0].id, first[1].id, second[0].id);
+        store.finish_delivery(e1, &update(DeliveryState::Pending, 1, Some(503), t + 10 * LEASE)).await.unwrap();
+        store.finish_delivery(e2, &update(DeliveryState::Delivered, 1, Some(200), 0)).await.unwrap();
+        store.finish_delivery(e3, &update(DeliveryState::Failed, 1, Some(404), 0)).await.unwrap();
+        // The claims are cleared, but e1 is not due yet and the others are done.
+        assert!(store.claim_deliveries("b", t + LEASE, LEASE, 10).await.unwrap().is_empty());
+        let retry = store.claim_deliveries("b", t + 10 * LEASE, LEASE, 10).await.unwrap();
+        assert_eq!(keys(&retry), [key("h", "e1")]);
+        assert_eq!(
+            (retry[0].attempts, retry[0].last_status, retry[0].last_error.as_deref()),
+            (1, Some(503), Some("HTTP 503"))
+        );
+        // A lease that ran out (its holder died) makes the row claimable again.
+        assert!(store.claim_deliveries("c", t + 11 * LEASE - 1, LEASE, 10).await.unwrap().is_empty());
+        assert_eq!(keys(&store.claim_deliveries("c", t + 11 * LEASE, LEASE, 10).await.unwrap()), [key("h", "e1")]);
+        // Delivered and failed rows are never claimed, however late.
+        assert_eq!(keys(&store.claim_deliveries("d", t + 1000 * LEASE, LEASE, 10).await.unwrap()), [key("h", "e1")]);
+
+        let e2 = delivery(store, "h", "e2").await;
+        assert_eq!(
+            (e2.state, e2.attempts, e2.last_status, e2.next_attempt_at),
+            (DeliveryState::Delivered, 1, Some(200), None)
+        );
+        assert!(e2.updated_at >= e2.created_at);
+        let e3 = delivery(store, "h", "e3").await;
+        assert_eq!((e3.state, e3.last_error.as_deref()), (DeliveryState::Failed, Some("HTTP 404")));
+        let e1 = delivery(store, "h", "e1").await;
+        assert_eq!(e1.next_attempt_at, Some(format_time(from_unix_micros(t + 10 * LEASE))));
+
+        // Oldest due first, whatever the row order.
+        store.enqueue_events(&[event("h", "e4"), event("h", "e5")]).await.unwrap();
+        let t2 = now_us();
+        let both = store.claim_deliveries("a", t2, LEASE, 10).await.unwrap();
+        assert_eq!(keys(&both), [key("h", "e4"), key("h", "e5")]);
+        store.finish_delivery(both[0].id, &update(DeliveryState::Pending, 1, None, t2 + 3 * LEASE)).await.unwrap();
+        store.finish_delivery(both[1].id, &update(DeliveryState::Pending, 1, None, t2 + 2 * LEASE)).await.unwrap();
+        let next = store.claim_deliveries("a", t2 + 3 * LEASE, LEASE, 1).await.unwrap();
+        assert_eq!(keys(&next), [key("h", "e5")]);
+        // Finishing a delivery that is gone is not an error.
+        store.finish_delivery(i64::MAX, &update(DeliveryState::Delivered, 1, Some(200), 0)).await.unwrap();
+    }
+
+    /// `release_claims` frees what one owner holds, nothing else.
+    pub(crate) async fn release_claims_frees_rows(store: &dyn Store) {
+        store.enqueue_events(&[event("h", "e1"), event("h", "e2"), event("h", "e3"), event("h", "e4")]).await.unwrap();
+        let t = now_us();
+        let a = store.claim_deliveries("a", t, LEASE, 3).await.unwrap();
+        assert_eq!(a.len(), 3);
+        store.finish_delivery(a[2].id, &update(DeliveryState::Delivered, 1, Some(204), 0)).await.unwrap();
+        assert_eq!(store.claim_deliveries("b", t, LEASE, 10).await.unwrap().len(), 1);
+        assert_eq!(store.release_claims("a").await.unwrap(), 2);
+        assert_eq!(store.release_claims("a").await.unwrap(), 0);
+        assert_eq!(store.release_claims("nobody").await.unwrap(), 0);
+        let again = store.claim_deliveries("c", t, LEASE, 10).await.unwrap();
+        assert_eq!(keys(&again), [key("h", "e1"), key("h", "e2")], "b's claim and the delivered row stay");
+        assert_eq!(delivery(store, "h", "e3").await.state, DeliveryState::Delivered);
+    }
+
+    /// Listing (newest first, paged), one delivery, its JSON, and a manual retry.
+    pub(crate) async fn listing_get_and_retry(store: &dyn Store) {
+        let events: Vec<OutboxEvent> = (1..=5).map(|i| event("h", &format!("e{i}"))).collect();
+        store.enqueue_events(&events).await.unwrap();
+        store.enqueue_events(&[event("other", "e3"), event("other", "o1")]).await.unwrap();
+        assert_eq!(listed(store, "h", 2).await, ["e5", "e4", "e3", "e2", "e1"]);
+        assert_eq!(listed(store, "h", 1000).await, ["e5", "e4", "e3", "e2", "e1"]);
+        assert_eq!(listed(store, "other", 1).await, ["o1", "e3"]);
+        assert!(listed(store, "nothing", 10).await.is_empty());
+        let exact = store.list_deliveries("h", &Page { limit: 5, cursor: None }).await.unwrap();
+        assert_eq!((exact.items.len(), exact.next_cursor), (5, None), "no cursor to an empty page");
+        for bad in ["garbage", "", &encode_audit_cursor(3), &encode_activity_cursor(1, 2)] {
+            let page = Page { limit: 10, cursor: Some(bad.to_string()) };
+            assert_eq!(store.list_deliveries("h", &page).await.unwrap_err(), StoreError::BadCursor, "{bad}");
+        }
+
+        let e3 = delivery(store, "h", "e3").await;
+        assert_eq!(exact.items[2], e3, "listed and got alike");
+        assert_eq!(delivery(store, "other", "e3").await.webhook_id, "other");
+        assert_eq!(store.get_delivery("h", "o1").await.unwrap(), None);
+        assert_eq!(store.get_delivery("nothing", "e1").await.unwrap(), None);
+        // Ids from request paths may hold anything, a NUL included: not found, not an error.
+        assert_eq!(store.get_delivery("h", "e1\0").await.unwrap(), None);
+        assert_eq!(store.retry_delivery("h\0", "e1", now_us(), 1).await.unwrap(), None);
+        assert!(listed(store, "h\0", 10).await.is_empty());
+        let shown = serde_json::to_value(&e3).unwrap();
+        let fields: Vec<&str> = shown.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(
+            fields,
+            [
+                "webhook_id",
+                "event_id",
+                "type",
+                "state",
+                "attempts",
+                "max_attempts",
+                "last_status",
+                "last_error",
+                "next_attempt_at",
+                "created_at",
+                "updated_at"
+            ]
+        );
+        assert_eq!((&shown["type"], &shown["state"]), (&json!("decision.denied"), &json!("pending")));
+
+        // A failed delivery made pending again, due now, with more attempts.
+        let t = now_us();
+        let claimed = store.claim_deliveries("a", t, LEASE, 10).await.unwrap();
+        assert_eq!(claimed.len(), 7);
+        let e2 = claimed.iter().find(|d| (d.webhook_id.as_str(), d.event_id.as_str()) == ("h", "e2")).unwrap();
+        store.finish_delivery(e2.id, &update(DeliveryState::Failed, 8, Some(500), 0)).await.unwrap();
+        let t2 = t + 5;
+        let retried = store.retry_delivery("h", "e2", t2, 3).await.unwrap().expect("exists");
+        assert_eq!(
+            (retried.state, retried.attempts, retried.max_attempts, retried.last_status),
+            (DeliveryState::Pending, 8, 11, Some(500))
+        );
+        assert_eq!(retried.next_attempt_at, Some(format_time(from_unix_micros(t2))));
+        assert_eq!(retried, delivery(store, "h", "e2").await);
+        // Its claim is cleared too: so is that of a claimed row retried by hand.
+        store.retry_delivery("h", "e4", t2, 1).await.unwrap().unwrap();
+        let due = store.claim_deliveries("b", t2, LEASE, 10).await.unwrap();
+        assert_eq!(keys(&due), [key("h", "e2"), key("h", "e4")]);
+        assert_eq!(store.retry_delivery("h", "nope", t2, 1).await.unwrap(), None);
+        assert_eq!(store.retry_delivery("nothing", "e2", t2, 1).await.unwrap(), None);
+    }
+
+    /// The depth counts pending rows, claimed or not.
+    pub(crate) async fn depth_counts_pending_only(store: &dyn Store) {
+        assert_eq!(store.outbox_depth().await.unwrap(), 0);
+        let events: Vec<OutboxEvent> = (1..=4).map(|i| event("h", &format!("e{i}"))).collect();
+        store.enqueue_events(&events).await.unwrap();
+        assert_eq!(store.outbox_depth().await.unwrap(), 4);
+        let claimed = store.claim_deliveries("a", now_us(), LEASE, 10).await.unwrap();
+        assert_eq!(store.outbox_depth().await.unwrap(), 4);
+        store.finish_delivery(claimed[0].id, &update(DeliveryState::Delivered, 1, Some(200), 0)).await.unwrap();
+        store.finish_delivery(claimed[1].id, &update(DeliveryState::Failed, 1, Some(400), 0)).await.unwrap();
+        store.finish_delivery(claimed[2].id, &update(DeliveryState::Pending, 1, None, now_us() + LEASE)).await.unwrap();
+        assert_eq!(store.outbox_depth().await.unwrap(), 2);
+    }
+
+    /// A hook that gives each audit entry one `config.changed` event for `siem`, except
+    /// file loads; the payload is the sealed entry.
+    fn config_hook() -> AuditHook {
+        Arc::new(|entry: &AuditEntry| {
+            if entry.object_type == "file" {
+                return Vec::new();
+            }
+            vec![OutboxEvent {
+                webhook_id: "siem".into(),
+                event_id: format!("audit-{}", entry.seq),
+                event_type: "config.changed".into(),
+                payload: serde_json::to_string(entry).unwrap(),
+                max_attempts: 3,
+            }]
+        })
+    }
+
+    fn draft(object_type: &str, object_id: &str) -> AuditDraft {
+        AuditDraft {
+            actor: "admin".into(),
+            action: AuditAction::Create,
+            object_type: object_type.into(),
+            object_id: object_id.into(),
+            before: None,
+            after: Some(json!({"id": object_id})),
+        }
+    }
+
+    fn object(id: &str) -> StoredObject {
+        StoredObject {
+            kind: ObjectKind::Rule,
+            id: id.into(),
+            source: "api".into(),
+            version: 1,
+            doc: json!({"id": id}),
+            secrets: BTreeMap::new(),
+            created_at: now_string(),
+            updated_at: now_string(),
+        }
+    }
+
+    /// `commit` writes the hook's events for the entries it seals.
+    pub(crate) async fn audit_hook_events_commit_with_the_entry(store: &dyn Store) {
+        // Without a hook, nothing.
+        store.commit(vec![], vec![draft("rule", "r0")]).await.unwrap();
+        assert_eq!(store.outbox_depth().await.unwrap(), 0);
+
+        store.set_audit_hook(config_hook());
+        let entries = store
+            .commit(vec![Change::Put(object("r1"))], vec![draft("rule", "r1"), draft("policy", "p1")])
+            .await
+            .unwrap();
+        assert_eq!(listed(store, "siem", 10).await, ["audit-3", "audit-2"]);
+        let d = delivery(store, "siem", "audit-2").await;
+        assert_eq!((d.event_type.as_str(), d.max_attempts, d.state), ("config.changed", 3, DeliveryState::Pending));
+        let sent: AuditEntry = serde_json::from_str(&d.payload).unwrap();
+        assert_eq!(sent, entries[0], "the hook sees the sealed entry");
+        assert!(!sent.hash.is_empty());
+
+        // A hook that returns nothing writes nothing; a commit without entries calls no hook.
+        store.commit(vec![], vec![draft("file", "policies/a.json")]).await.unwrap();
+        store.commit(vec![Change::Put(object("r2"))], vec![]).await.unwrap();
+        assert_eq!(store.outbox_depth().await.unwrap(), 2);
+    }
+
+    /// When the outbox insert fails, the write that carried the events fails whole: no
+    /// audit entry or object without its events, no decision without its events.
+    /// `break_outbox` makes every insert into the store's delivery table fail.
+    pub(crate) async fn a_failing_outbox_insert_fails_the_whole_write<F, Fut>(store: &dyn Store, break_outbox: F)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        store.set_audit_hook(config_hook());
+        break_outbox().await;
+        assert!(store.commit(vec![Change::Put(object("r1"))], vec![draft("rule", "r1")]).await.is_err());
+        assert!(store.load_all().await.unwrap().is_empty(), "the object change rolled back");
+        assert!(store.list_audit(&AuditFilter::default(), &Page::default()).await.unwrap().items.is_empty());
+        assert!(store.insert_activity(&[entry("d1", vec![event("h", "e1")])]).await.is_err());
+        assert!(store.list_activity(&ActivityFilter::default(), &Page::default()).await.unwrap().items.is_empty());
+        assert!(store.enqueue_events(&[event("h", "e2")]).await.is_err());
+
+        // Writes without events do not touch the outbox.
+        store.insert_activity(&[entry("d2", vec![])]).await.unwrap();
+        let entries = store.commit(vec![], vec![draft("file", "policies/a.json")]).await.unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(store.verify_audit().await.unwrap(), VerifyResult::Ok { entries: 1 });
+        assert_eq!(store.outbox_depth().await.unwrap(), 0);
+    }
+
+    /// Pruning removes finished deliveries last changed before the cutoff.
+    pub(crate) async fn prune_removes_finished_deliveries(store: &dyn Store) {
+        store.enqueue_events(&[event("h", "e1"), event("h", "e2"), event("h", "e3")]).await.unwrap();
+        let claimed = store.claim_deliveries("a", now_us(), LEASE, 10).await.unwrap();
+        store.finish_delivery(claimed[0].id, &update(DeliveryState::Delivered, 1, Some(200), 0)).await.unwrap();
+        store.finish_delivery(claimed[1].id, &update(DeliveryState::Failed, 8, Some(500), 0)).await.unwrap();
+        store.insert_activity(&[entry("d1", vec![])]).await.unwrap();
+
+        // Finished rows newer than the cutoff stay.
+        let past = OffsetDateTime::now_utc() - time::Duration::days(1);
+        assert_eq!(store.prune_activity(past).await.unwrap(), 0);
+        assert_eq!(listed(store, "h", 10).await, ["e3", "e2", "e1"]);
+        // Activity entries are what the count counts; pending rows stay however old.
+        let future = OffsetDateTime::now_utc() + time::Duration::days(1);
+        assert_eq!(store.prune_activity(future).await.unwrap(), 1);
+        assert_eq!(listed(store, "h", 10).await, ["e3"]);
+        assert_eq!(store.outbox_depth().await.unwrap(), 1);
     }
 }

@@ -32,6 +32,16 @@
 //!   statement per batch, whatever its size, in autocommit with `synchronous_commit=on`
 //!   (durable when it returns). `rule_ids text[]` with a GIN index serves the `rule_id`
 //!   filter.
+//! - Webhook outbox (SPEC §10, migration 3): `webhook_deliveries`, one row per (webhook,
+//!   event). A batch whose entries carry events is still ONE statement: a data-modifying
+//!   CTE inserts the entries and `RETURNING decision_id`, and the outer `INSERT` writes the
+//!   events of exactly those entries (a known decision, a replayed spool line, adds
+//!   nothing); a batch without events runs the plain statement. `commit` inserts the
+//!   [`AuditHook`]'s events inside its transaction. Replicas claim due rows with
+//!   `SELECT … FOR UPDATE SKIP LOCKED` under an `UPDATE` that sets a lease
+//!   (`claimed_by`, `claimed_until_us`): two replicas claiming at once get disjoint rows,
+//!   and a replica that dies mid-delivery frees its rows when the lease runs out, so each
+//!   event is delivered by one replica (at least once).
 //!
 //! Failure behaviour: connects time out after [`CONNECT_TIMEOUT`]; every write, `ping`
 //! and single-row read has a client-side deadline of [`WRITE_DEADLINE`] (pool wait
@@ -47,7 +57,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
@@ -61,9 +71,10 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Config, GenericClient, NoTls, Row};
 
 use super::{
-    activity_rule_ids, decode_activity_cursor, decode_audit_cursor, encode_activity_cursor, encode_audit_cursor,
-    format_time, parse_time, unix_micros, ActivityEntry, ActivityFilter, AuditAction, AuditDraft, AuditEntry,
-    AuditFilter, Change, Listing, ObjectKind, Page, Store, StoreError, StoredObject, VerifyResult,
+    activity_rule_ids, decode_activity_cursor, decode_audit_cursor, decode_delivery_cursor, encode_activity_cursor,
+    encode_audit_cursor, encode_delivery_cursor, format_time, parse_time, unix_micros, ActivityEntry, ActivityFilter,
+    AuditAction, AuditDraft, AuditEntry, AuditFilter, AuditHook, Change, Delivery, DeliveryUpdate, Listing, ObjectKind,
+    OutboxEvent, Page, RawDelivery, Store, StoreError, StoredObject, VerifyResult, DELIVERY_COLUMNS,
 };
 use crate::logs::audit::{seal_all, ChainBreak, ChainVerifier, GENESIS_HASH};
 use crate::secrets::SecretBox;
@@ -189,6 +200,33 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX activity_by_user ON activity (left(username, 200), time_us, id);
     CREATE INDEX activity_by_app ON activity (left(application, 200), time_us, id);
     "#,
+    // 3: the webhook outbox (SPEC §10): one row per (webhook, event). `state` is
+    // `pending`, `delivered` or `failed`; a pending row is due at `next_attempt_us` and
+    // free to claim once `claimed_until_us` has passed. The due index is partial: only
+    // pending rows are ever claimed, and delivered ones (nearly all) cost it nothing.
+    r#"
+    CREATE TABLE webhook_deliveries (
+        id                bigserial PRIMARY KEY,
+        webhook_id        text NOT NULL,
+        event_id          text NOT NULL,
+        event_type        text NOT NULL,
+        payload           text NOT NULL,
+        state             text NOT NULL DEFAULT 'pending',
+        attempts          bigint NOT NULL DEFAULT 0,
+        max_attempts      bigint NOT NULL,
+        last_status       bigint,
+        last_error        text,
+        next_attempt_us   bigint NOT NULL,
+        claimed_by        text,
+        claimed_until_us  bigint NOT NULL DEFAULT 0,
+        created_at        text NOT NULL,
+        updated_at        text NOT NULL,
+        updated_us        bigint NOT NULL,
+        UNIQUE (webhook_id, event_id)
+    );
+    CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_us, id) WHERE state = 'pending';
+    CREATE INDEX webhook_deliveries_by_hook ON webhook_deliveries (webhook_id, id);
+    "#,
 ];
 
 /// Characters of `username` / `application` that their activity indexes key on
@@ -277,6 +315,8 @@ pub struct PgStore {
     replica: String,
     /// `host:port/database`, for messages; never the password.
     target: String,
+    /// Builds the outbox events of the audit entries `commit` seals.
+    audit_hook: RwLock<Option<AuditHook>>,
 }
 
 impl fmt::Debug for PgStore {
@@ -351,7 +391,8 @@ impl PgStore {
             .recycle_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Internal(format!("cannot build the connection pool: {e}")))?;
-        let store = PgStore { pool, config, secrets, replica: replica.to_string(), target };
+        let store =
+            PgStore { pool, config, secrets, replica: replica.to_string(), target, audit_hook: RwLock::new(None) };
         store.migrate().await?;
         Ok(store)
     }
@@ -626,6 +667,7 @@ fn activity_from_row(row: &Row) -> Result<(i64, i64, ActivityEntry), StoreError>
             latency_ms: get(row, 12)?,
             via: get(row, 13)?,
             replica: get(row, 14)?,
+            outbox: Vec::new(),
         },
     ))
 }
@@ -664,17 +706,122 @@ fn json_text(value: &Value) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Internal(format!("cannot encode JSON: {e}")))
 }
 
-const INSERT_ACTIVITY: &str = "INSERT INTO activity (decision_id, time, time_us, application, username, \
-     remote_ip, device_id, decision, reason, policies, rules, rule_ids, latency_ms, via, replica) \
-     SELECT u.decision_id, u.time, u.time_us, u.application, u.username, u.remote_ip, u.device_id, \
-     u.decision, u.reason, u.policies::json, u.rules::json, \
-     ARRAY(SELECT json_array_elements_text(u.rule_ids::json)), u.latency_ms, u.via, u.replica \
-     FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], \
-     $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::float8[], $14::text[], $15::text[]) \
-     WITH ORDINALITY AS u(decision_id, time, time_us, application, username, remote_ip, device_id, \
-     decision, reason, policies, rules, rule_ids, latency_ms, via, replica, ord) \
-     ORDER BY u.ord \
-     ON CONFLICT (decision_id) DO NOTHING";
+/// The activity batch insert (`$1`..`$15`: [`ActivityColumns`]), as a literal so that
+/// [`INSERT_ACTIVITY_WITH_EVENTS`] can embed it.
+macro_rules! insert_activity_sql {
+    () => {
+        "INSERT INTO activity (decision_id, time, time_us, application, username, \
+         remote_ip, device_id, decision, reason, policies, rules, rule_ids, latency_ms, via, replica) \
+         SELECT u.decision_id, u.time, u.time_us, u.application, u.username, u.remote_ip, u.device_id, \
+         u.decision, u.reason, u.policies::json, u.rules::json, \
+         ARRAY(SELECT json_array_elements_text(u.rule_ids::json)), u.latency_ms, u.via, u.replica \
+         FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], \
+         $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::float8[], $14::text[], $15::text[]) \
+         WITH ORDINALITY AS u(decision_id, time, time_us, application, username, remote_ip, device_id, \
+         decision, reason, policies, rules, rule_ids, latency_ms, via, replica, ord) \
+         ORDER BY u.ord \
+         ON CONFLICT (decision_id) DO NOTHING"
+    };
+}
+
+const INSERT_ACTIVITY: &str = insert_activity_sql!();
+
+/// A batch with webhook events, still one statement (so still one autocommit, durable
+/// when it returns): the entries are inserted in a CTE that returns the decision ids it
+/// actually inserted, and only their events are written (`$16`..`$23`: [`EventColumns`]
+/// with each event's decision id, then the time as µs and as text). A known decision was
+/// written with its events the first time.
+const INSERT_ACTIVITY_WITH_EVENTS: &str = concat!(
+    "WITH inserted AS (",
+    insert_activity_sql!(),
+    " RETURNING decision_id) \
+     INSERT INTO webhook_deliveries (webhook_id, event_id, event_type, payload, max_attempts, \
+     next_attempt_us, created_at, updated_at, updated_us) \
+     SELECT o.webhook_id, o.event_id, o.event_type, o.payload, o.max_attempts, $21, $22, $22, $21 \
+     FROM unnest($16::text[], $17::text[], $18::text[], $19::text[], $20::bigint[], $23::text[]) \
+     WITH ORDINALITY AS o(webhook_id, event_id, event_type, payload, max_attempts, decision_id, ord) \
+     JOIN inserted ON inserted.decision_id = o.decision_id \
+     ORDER BY o.ord \
+     ON CONFLICT (webhook_id, event_id) DO NOTHING"
+);
+
+/// Outbox events written outside an activity batch (`enqueue_events`, `commit`):
+/// `$1`..`$5` [`EventColumns`], `$6` the time in µs, `$7` as text.
+const INSERT_EVENTS: &str = "INSERT INTO webhook_deliveries (webhook_id, event_id, event_type, payload, \
+     max_attempts, next_attempt_us, created_at, updated_at, updated_us) \
+     SELECT o.webhook_id, o.event_id, o.event_type, o.payload, o.max_attempts, $6, $7, $7, $6 \
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[]) \
+     WITH ORDINALITY AS o(webhook_id, event_id, event_type, payload, max_attempts, ord) \
+     ORDER BY o.ord \
+     ON CONFLICT (webhook_id, event_id) DO NOTHING";
+
+/// Outbox events as column arrays for `unnest`.
+#[derive(Default)]
+struct EventColumns {
+    webhook_id: Vec<String>,
+    event_id: Vec<String>,
+    event_type: Vec<String>,
+    payload: Vec<String>,
+    max_attempts: Vec<i64>,
+}
+
+impl EventColumns {
+    fn of(events: &[OutboxEvent]) -> EventColumns {
+        let mut c = EventColumns::default();
+        for e in events {
+            c.push(e);
+        }
+        c
+    }
+
+    fn push(&mut self, e: &OutboxEvent) {
+        self.webhook_id.push(pg_text(&e.webhook_id));
+        self.event_id.push(pg_text(&e.event_id));
+        self.event_type.push(pg_text(&e.event_type));
+        self.payload.push(pg_text(&e.payload));
+        self.max_attempts.push(i64::from(e.max_attempts));
+    }
+}
+
+/// Inserts outbox events as pending deliveries due at `now`; a known
+/// `(webhook_id, event_id)` is ignored. One statement: in the caller's transaction, or
+/// an autocommit of its own.
+async fn insert_events<C: deadpool_postgres::GenericClient>(
+    client: &C,
+    events: &[OutboxEvent],
+    now: OffsetDateTime,
+) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let c = EventColumns::of(events);
+    let (now_us, now_text) = (unix_micros(now), format_time(now));
+    let stmt = client.prepare_cached(INSERT_EVENTS).await.map_err(pg_err)?;
+    client
+        .execute(&stmt, &[&c.webhook_id, &c.event_id, &c.event_type, &c.payload, &c.max_attempts, &now_us, &now_text])
+        .await
+        .map_err(pg_err)?;
+    Ok(())
+}
+
+fn delivery_from_row(row: &Row) -> Result<Delivery, StoreError> {
+    RawDelivery {
+        id: get(row, 0)?,
+        webhook_id: get(row, 1)?,
+        event_id: get(row, 2)?,
+        event_type: get(row, 3)?,
+        state: get(row, 4)?,
+        attempts: get(row, 5)?,
+        max_attempts: get(row, 6)?,
+        last_status: get(row, 7)?,
+        last_error: get(row, 8)?,
+        next_attempt_us: get(row, 9)?,
+        created_at: get(row, 10)?,
+        updated_at: get(row, 11)?,
+        payload: get(row, 12)?,
+    }
+    .into_delivery()
+}
 
 type SqlArgs = Vec<Box<dyn ToSql + Sync + Send>>;
 
@@ -770,6 +917,7 @@ impl Store for PgStore {
                 }
             }
         }
+        let hook = self.audit_hook.read().unwrap_or_else(PoisonError::into_inner).clone();
         with_conn!(self, WRITE_DEADLINE, |client| {
             let tx = client.transaction().await.map_err(pg_err)?;
             // Serializes every commit of every replica: seq assignment, and object
@@ -842,6 +990,12 @@ impl Store for PgStore {
                     )
                     .await
                     .map_err(pg_err)?;
+                }
+                // The entries' webhook events, in the same transaction: written if and
+                // only if the entries are.
+                if let Some(hook) = &hook {
+                    let events: Vec<OutboxEvent> = entries.iter().flat_map(|e| hook(e)).collect();
+                    insert_events(&tx, &events, now).await?;
                 }
             }
             if !notes.is_empty() {
@@ -945,7 +1099,14 @@ impl Store for PgStore {
             return Ok(());
         }
         let mut c = ActivityColumns::default();
+        // The batch's webhook events, each with its entry's decision id.
+        let mut events = EventColumns::default();
+        let mut event_decisions: Vec<String> = Vec::new();
         for e in batch {
+            for event in &e.outbox {
+                events.push(event);
+                event_decisions.push(pg_text(&e.decision_id));
+            }
             let time = parse_time(&e.time).ok_or_else(|| {
                 StoreError::Internal(format!("activity entry `{}` has a time that is not RFC 3339", e.decision_id))
             })?;
@@ -965,32 +1126,51 @@ impl Store for PgStore {
             c.via.push(pg_text(&e.via));
             c.replica.push(pg_text(&e.replica));
         }
+        // The events' creation time; not even read from the clock without events.
+        let (now_us, now_text) = match event_decisions.is_empty() {
+            true => (0, String::new()),
+            false => {
+                let now = OffsetDateTime::now_utc();
+                (unix_micros(now), format_time(now))
+            }
+        };
         // One autocommit statement: durable (synchronous_commit=on) when it returns.
         with_conn!(self, WRITE_DEADLINE, |client| {
-            let stmt = client.prepare_cached(INSERT_ACTIVITY).await.map_err(pg_err)?;
-            client
-                .execute(
-                    &stmt,
-                    &[
-                        &c.decision_id,
-                        &c.time,
-                        &c.time_us,
-                        &c.application,
-                        &c.username,
-                        &c.remote_ip,
-                        &c.device_id,
-                        &c.decision,
-                        &c.reason,
-                        &c.policies,
-                        &c.rules,
-                        &c.rule_ids,
-                        &c.latency_ms,
-                        &c.via,
-                        &c.replica,
-                    ],
-                )
-                .await
-                .map_err(pg_err)?;
+            let activity: [&(dyn ToSql + Sync); 15] = [
+                &c.decision_id,
+                &c.time,
+                &c.time_us,
+                &c.application,
+                &c.username,
+                &c.remote_ip,
+                &c.device_id,
+                &c.decision,
+                &c.reason,
+                &c.policies,
+                &c.rules,
+                &c.rule_ids,
+                &c.latency_ms,
+                &c.via,
+                &c.replica,
+            ];
+            if event_decisions.is_empty() {
+                let stmt = client.prepare_cached(INSERT_ACTIVITY).await.map_err(pg_err)?;
+                client.execute(&stmt, &activity).await.map_err(pg_err)?;
+            } else {
+                let stmt = client.prepare_cached(INSERT_ACTIVITY_WITH_EVENTS).await.map_err(pg_err)?;
+                let mut args = activity.to_vec();
+                args.extend_from_slice(&[
+                    &events.webhook_id as &(dyn ToSql + Sync),
+                    &events.event_id,
+                    &events.event_type,
+                    &events.payload,
+                    &events.max_attempts,
+                    &now_us,
+                    &now_text,
+                    &event_decisions,
+                ]);
+                client.execute(&stmt, &args).await.map_err(pg_err)?;
+            }
             Ok(())
         })
     }
@@ -1063,9 +1243,32 @@ impl Store for PgStore {
             })?;
             total += removed;
             if removed < PRUNE_CHUNK.unsigned_abs() {
-                return Ok(total);
+                break;
             }
         }
+        // Finished webhook deliveries follow the activity log's retention; pending ones
+        // stay however old (they are still owed to their webhook).
+        let mut deliveries: u64 = 0;
+        loop {
+            let removed = with_conn!(self, READ_DEADLINE, |client| {
+                client
+                    .execute(
+                        "DELETE FROM webhook_deliveries WHERE id IN \
+                         (SELECT id FROM webhook_deliveries WHERE state <> 'pending' AND updated_us < $1 LIMIT $2)",
+                        &[&cutoff, &PRUNE_CHUNK],
+                    )
+                    .await
+                    .map_err(pg_err)
+            })?;
+            deliveries += removed;
+            if removed < PRUNE_CHUNK.unsigned_abs() {
+                break;
+            }
+        }
+        if deliveries > 0 {
+            tracing::info!(deliveries, "pruned finished webhook deliveries");
+        }
+        Ok(total)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -1073,6 +1276,182 @@ impl Store for PgStore {
             client.simple_query("SELECT 1").await.map_err(pg_err)?;
             Ok(())
         })
+    }
+
+    async fn enqueue_events(&self, events: &[OutboxEvent]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let now = OffsetDateTime::now_utc();
+        with_conn!(self, WRITE_DEADLINE, |client| { insert_events(&*client, events, now).await })
+    }
+
+    async fn claim_deliveries(
+        &self,
+        owner: &str,
+        now_us: i64,
+        lease_us: i64,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let owner = pg_text(owner);
+        let until = now_us.saturating_add(lease_us);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // SKIP LOCKED: a row another replica is claiming right now is passed over rather
+        // than waited for; one it claimed a moment ago fails the `claimed_until_us` test
+        // when re-checked after its lock is released. Either way no row goes to both.
+        // MATERIALIZED keeps the locking SELECT a single scan, run once.
+        let returning: Vec<String> = DELIVERY_COLUMNS.split(", ").map(|c| format!("d.{c}")).collect();
+        let sql = format!(
+            "WITH due AS MATERIALIZED (\
+             SELECT id FROM webhook_deliveries \
+             WHERE state = 'pending' AND next_attempt_us <= $3 AND claimed_until_us <= $3 \
+             ORDER BY next_attempt_us, id LIMIT $4 FOR UPDATE SKIP LOCKED) \
+             UPDATE webhook_deliveries d SET claimed_by = $1, claimed_until_us = $2 \
+             FROM due WHERE d.id = due.id RETURNING {}",
+            returning.join(", ")
+        );
+        let rows = with_conn!(self, WRITE_DEADLINE, |client| {
+            let stmt = client.prepare_cached(&sql).await.map_err(pg_err)?;
+            client.query(&stmt, &[&owner, &until, &now_us, &limit]).await.map_err(pg_err)
+        })?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let next_attempt_us: i64 = get(row, 9)?;
+            claimed.push((next_attempt_us, delivery_from_row(row)?));
+        }
+        // RETURNING has no defined order.
+        claimed.sort_by_key(|(due, d)| (*due, d.id));
+        Ok(claimed.into_iter().map(|(_, d)| d).collect())
+    }
+
+    async fn finish_delivery(&self, id: i64, update: &DeliveryUpdate) -> Result<(), StoreError> {
+        let now = OffsetDateTime::now_utc();
+        let (now_us, now_text) = (unix_micros(now), format_time(now));
+        let state = update.state.as_str();
+        let attempts = i64::from(update.attempts);
+        let status = update.last_status.map(i64::from);
+        let error = update.last_error.as_deref().map(pg_text);
+        with_conn!(self, WRITE_DEADLINE, |client| {
+            let stmt = client
+                .prepare_cached(
+                    "UPDATE webhook_deliveries SET state = $2, attempts = $3, last_status = $4, last_error = $5, \
+                     next_attempt_us = $6, claimed_by = NULL, claimed_until_us = 0, updated_at = $7, \
+                     updated_us = $8 WHERE id = $1",
+                )
+                .await
+                .map_err(pg_err)?;
+            client
+                .execute(&stmt, &[&id, &state, &attempts, &status, &error, &update.next_attempt_us, &now_text, &now_us])
+                .await
+                .map_err(pg_err)?;
+            Ok(())
+        })
+    }
+
+    async fn release_claims(&self, owner: &str) -> Result<u64, StoreError> {
+        let owner = pg_text(owner);
+        with_conn!(self, WRITE_DEADLINE, |client| {
+            // Only pending rows hold claims (`finish_delivery` clears them), and the
+            // partial index lists exactly those.
+            client
+                .execute(
+                    "UPDATE webhook_deliveries SET claimed_by = NULL, claimed_until_us = 0 \
+                     WHERE state = 'pending' AND claimed_by = $1",
+                    &[&owner],
+                )
+                .await
+                .map_err(pg_err)
+        })
+    }
+
+    async fn list_deliveries(&self, webhook_id: &str, page: &Page) -> Result<Listing<Delivery>, StoreError> {
+        // Ids come from request paths: a NUL (which text cannot hold) matches nothing
+        // rather than failing the query.
+        let webhook_id = pg_text(webhook_id);
+        let limit = page.effective_limit();
+        let before = match &page.cursor {
+            Some(cursor) => decode_delivery_cursor(cursor)?,
+            None => i64::MAX,
+        };
+        let fetch = i64::try_from(limit + 1).unwrap_or(i64::MAX);
+        let sql = format!(
+            "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE webhook_id = $1 AND id < $2 \
+             ORDER BY id DESC LIMIT $3"
+        );
+        let rows = with_conn!(self, READ_DEADLINE, |client| {
+            let tx = client.build_transaction().read_only(true).start().await.map_err(pg_err)?;
+            tx.batch_execute(&format!("SET LOCAL statement_timeout = {}", READ_DEADLINE.as_millis()))
+                .await
+                .map_err(pg_err)?;
+            let stmt = tx.prepare_cached(&sql).await.map_err(pg_err)?;
+            let rows = tx.query(&stmt, &[&webhook_id, &before, &fetch]).await.map_err(pg_err)?;
+            tx.commit().await.map_err(pg_err)?;
+            Ok(rows)
+        })?;
+        let mut items = rows.iter().map(delivery_from_row).collect::<Result<Vec<_>, _>>()?;
+        let next_cursor = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(|d| encode_delivery_cursor(d.id))
+        } else {
+            None
+        };
+        Ok(Listing { items, next_cursor })
+    }
+
+    async fn get_delivery(&self, webhook_id: &str, event_id: &str) -> Result<Option<Delivery>, StoreError> {
+        let (webhook_id, event_id) = (pg_text(webhook_id), pg_text(event_id));
+        let sql = format!("SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE webhook_id = $1 AND event_id = $2");
+        let row = with_conn!(self, WRITE_DEADLINE, |client| {
+            let stmt = client.prepare_cached(&sql).await.map_err(pg_err)?;
+            client.query_opt(&stmt, &[&webhook_id, &event_id]).await.map_err(pg_err)
+        })?;
+        row.as_ref().map(delivery_from_row).transpose()
+    }
+
+    async fn retry_delivery(
+        &self,
+        webhook_id: &str,
+        event_id: &str,
+        now_us: i64,
+        extra_attempts: u32,
+    ) -> Result<Option<Delivery>, StoreError> {
+        let (webhook_id, event_id) = (pg_text(webhook_id), pg_text(event_id));
+        let now = OffsetDateTime::now_utc();
+        let (updated_us, updated_at) = (unix_micros(now), format_time(now));
+        let extra = i64::from(extra_attempts);
+        let sql = format!(
+            "UPDATE webhook_deliveries SET state = 'pending', next_attempt_us = $3, \
+             max_attempts = LEAST(attempts + $4, {}), claimed_by = NULL, claimed_until_us = 0, \
+             updated_at = $5, updated_us = $6 \
+             WHERE webhook_id = $1 AND event_id = $2 RETURNING {DELIVERY_COLUMNS}",
+            u32::MAX
+        );
+        let row = with_conn!(self, WRITE_DEADLINE, |client| {
+            let stmt = client.prepare_cached(&sql).await.map_err(pg_err)?;
+            client
+                .query_opt(&stmt, &[&webhook_id, &event_id, &now_us, &extra, &updated_at, &updated_us])
+                .await
+                .map_err(pg_err)
+        })?;
+        row.as_ref().map(delivery_from_row).transpose()
+    }
+
+    async fn outbox_depth(&self) -> Result<u64, StoreError> {
+        let row = with_conn!(self, WRITE_DEADLINE, |client| {
+            client
+                .query_one("SELECT count(*) FROM webhook_deliveries WHERE state = 'pending'", &[])
+                .await
+                .map_err(pg_err)
+        })?;
+        let n: i64 = get(&row, 0)?;
+        Ok(n.unsigned_abs())
+    }
+
+    fn set_audit_hook(&self, hook: AuditHook) {
+        *self.audit_hook.write().unwrap_or_else(PoisonError::into_inner) = Some(hook);
     }
 }
 
@@ -1612,6 +1991,7 @@ mod tests {
             latency_ms: 1.5,
             via: "api".into(),
             replica: if i.is_multiple_of(2) { "a" } else { "b" }.into(),
+            outbox: Vec::new(),
         }
     }
 
@@ -2041,5 +2421,152 @@ mod tests {
         assert!(huge.len() < 100);
         assert_eq!(ChangeEvent::from_payload(&huge), ChangeEvent::Resync);
         assert_eq!(ChangeEvent::from_payload("{}"), ChangeEvent::Resync);
+    }
+
+    mod outbox {
+        use super::*;
+        use crate::store::outbox_conformance as conformance;
+
+        #[tokio::test]
+        async fn activity_batches_write_their_events_once() {
+            let db = TestDb::new().await;
+            let store = db.store("a").await;
+            conformance::activity_batches_write_their_events_once(&store).await;
+            // A batch with events is still one statement, entries and events alike.
+            let batch = [
+                conformance::entry("one-1", vec![conformance::event("one", "e1"), conformance::event("two", "e1")]),
+                conformance::entry("one-2", vec![]),
+                conformance::entry("one-3", vec![conformance::event("one", "e3")]),
+            ];
+            store.insert_activity(&batch).await.unwrap();
+            let raw = db.raw().await;
+            let row = raw
+                .query_one(
+                    "SELECT count(*), count(DISTINCT xmin::text), count(DISTINCT cmin::text) FROM \
+                     (SELECT xmin, cmin FROM activity WHERE decision_id LIKE 'one-%' \
+                      UNION ALL SELECT xmin, cmin FROM webhook_deliveries WHERE webhook_id IN ('one', 'two')) t",
+                    &[],
+                )
+                .await
+                .unwrap();
+            assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1), row.get::<_, i64>(2)), (6, 1, 1));
+        }
+
+        #[tokio::test]
+        async fn claims_lease_and_finish() {
+            let db = TestDb::new().await;
+            conformance::claims_lease_and_finish(&db.store("a").await).await;
+        }
+
+        #[tokio::test]
+        async fn release_claims_frees_rows() {
+            let db = TestDb::new().await;
+            conformance::release_claims_frees_rows(&db.store("a").await).await;
+        }
+
+        #[tokio::test]
+        async fn listing_get_and_retry() {
+            let db = TestDb::new().await;
+            conformance::listing_get_and_retry(&db.store("a").await).await;
+        }
+
+        #[tokio::test]
+        async fn depth_counts_pending_only() {
+            let db = TestDb::new().await;
+            conformance::depth_counts_pending_only(&db.store("a").await).await;
+        }
+
+        #[tokio::test]
+        async fn audit_hook_events_commit_with_the_entry() {
+            let db = TestDb::new().await;
+            conformance::audit_hook_events_commit_with_the_entry(&db.store("a").await).await;
+        }
+
+        #[tokio::test]
+        async fn a_failing_outbox_insert_fails_the_whole_write() {
+            let db = TestDb::new().await;
+            let store = db.store("a").await;
+            let raw = db.raw().await;
+            conformance::a_failing_outbox_insert_fails_the_whole_write(&store, || async move {
+                raw.batch_execute(
+                    "CREATE FUNCTION no_outbox() RETURNS trigger LANGUAGE plpgsql AS \
+                     $$ BEGIN RAISE EXCEPTION 'outbox refused'; END $$; \
+                     CREATE TRIGGER no_outbox BEFORE INSERT ON webhook_deliveries \
+                     FOR EACH ROW EXECUTE FUNCTION no_outbox();",
+                )
+                .await
+                .unwrap();
+            })
+            .await;
+        }
+
+        #[tokio::test]
+        async fn prune_removes_finished_deliveries() {
+            let db = TestDb::new().await;
+            conformance::prune_removes_finished_deliveries(&db.store("a").await).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn two_replicas_claiming_at_once_get_disjoint_rows() {
+            let db = TestDb::new().await;
+            let a = db.store("a").await;
+            let b = db.store("b").await;
+            for round in 0..5 {
+                let events: Vec<OutboxEvent> =
+                    (0..200).map(|i| conformance::event("h", &format!("r{round}-e{i:03}"))).collect();
+                a.enqueue_events(&events).await.unwrap();
+                let now = conformance::now_us();
+                let (x, y) = tokio::join!(
+                    a.claim_deliveries("replica-a", now, 60_000_000, 150),
+                    b.claim_deliveries("replica-b", now, 60_000_000, 150)
+                );
+                let (x, y) = (x.unwrap(), y.unwrap());
+                assert!(x.len() <= 150 && y.len() <= 150);
+                let mut ids: Vec<&str> = x.iter().chain(&y).map(|d| d.event_id.as_str()).collect();
+                assert_eq!(ids.len(), 200, "round {round}: {} + {}", x.len(), y.len());
+                ids.sort_unstable();
+                ids.dedup();
+                assert_eq!(ids.len(), 200, "round {round}: a row went to both replicas");
+                for d in x.iter().chain(&y) {
+                    let done = DeliveryUpdate {
+                        state: crate::store::DeliveryState::Delivered,
+                        attempts: 1,
+                        last_status: Some(200),
+                        last_error: None,
+                        next_attempt_us: 0,
+                    };
+                    a.finish_delivery(d.id, &done).await.unwrap();
+                }
+            }
+            assert_eq!(a.outbox_depth().await.unwrap(), 0);
+        }
+
+        #[tokio::test]
+        async fn migration_3_adds_the_outbox_to_a_database_with_entries() {
+            let db = TestDb::new().await;
+            // A database at migration 2, as the previous release left it.
+            {
+                let raw = db.raw().await;
+                raw.batch_execute(
+                    "CREATE TABLE schema_version (version integer PRIMARY KEY, \
+                     applied_at timestamptz NOT NULL DEFAULT now(), applied_by text NOT NULL)",
+                )
+                .await
+                .unwrap();
+                for (i, sql) in MIGRATIONS[..2].iter().enumerate() {
+                    raw.batch_execute(sql).await.unwrap();
+                    let version = i as i32 + 1;
+                    raw.execute("INSERT INTO schema_version (version, applied_by) VALUES ($1, 'old')", &[&version])
+                        .await
+                        .unwrap();
+                }
+            }
+            let store = db.store("a").await;
+            store.insert_activity(&[conformance::entry("d1", vec![conformance::event("h", "e1")])]).await.unwrap();
+            assert_eq!(store.outbox_depth().await.unwrap(), 1);
+            let raw = db.raw().await;
+            let n: i64 = raw.query_one("SELECT count(*) FROM schema_version", &[]).await.unwrap().get(0);
+            assert_eq!(n, MIGRATIONS.len() as i64);
+        }
     }
 }

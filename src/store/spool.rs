@@ -7,6 +7,13 @@
 //!
 //! Architecture Invariant: while the spool holds entries, new batches go to the spool
 //! too, so the store receives activity entries in the order they were answered.
+//!
+//! Webhook events of a decision ride in its entry ([`ActivityEntry::outbox`] is part of
+//! the spool line), so a spooled decision's events reach the store's outbox in the same
+//! write as the entry when the spool drains: none is lost or written twice. Every other
+//! outbox method is forwarded as is: while the store is away the delivery worker finds
+//! it unavailable and waits, and admin writes (which carry `config.changed` events) are
+//! refused anyway.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -19,8 +26,8 @@ use time::OffsetDateTime;
 use tokio::sync::Mutex;
 
 use super::{
-    ActivityEntry, ActivityFilter, ActivityRecord, ActivitySink, AuditDraft, AuditEntry, AuditFilter, Change, Listing,
-    Page, Store, StoreError, StoredObject, VerifyResult,
+    ActivityEntry, ActivityFilter, ActivityRecord, ActivitySink, AuditDraft, AuditEntry, AuditFilter, AuditHook,
+    Change, Delivery, DeliveryUpdate, Listing, OutboxEvent, Page, Store, StoreError, StoredObject, VerifyResult,
 };
 
 /// File name of the spool in the data directory.
@@ -235,6 +242,54 @@ impl Store for SpoolingStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
     }
+
+    async fn enqueue_events(&self, events: &[OutboxEvent]) -> Result<(), StoreError> {
+        self.inner.enqueue_events(events).await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        owner: &str,
+        now_us: i64,
+        lease_us: i64,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        self.inner.claim_deliveries(owner, now_us, lease_us, limit).await
+    }
+
+    async fn finish_delivery(&self, id: i64, update: &DeliveryUpdate) -> Result<(), StoreError> {
+        self.inner.finish_delivery(id, update).await
+    }
+
+    async fn release_claims(&self, owner: &str) -> Result<u64, StoreError> {
+        self.inner.release_claims(owner).await
+    }
+
+    async fn list_deliveries(&self, webhook_id: &str, page: &Page) -> Result<Listing<Delivery>, StoreError> {
+        self.inner.list_deliveries(webhook_id, page).await
+    }
+
+    async fn get_delivery(&self, webhook_id: &str, event_id: &str) -> Result<Option<Delivery>, StoreError> {
+        self.inner.get_delivery(webhook_id, event_id).await
+    }
+
+    async fn retry_delivery(
+        &self,
+        webhook_id: &str,
+        event_id: &str,
+        now_us: i64,
+        extra_attempts: u32,
+    ) -> Result<Option<Delivery>, StoreError> {
+        self.inner.retry_delivery(webhook_id, event_id, now_us, extra_attempts).await
+    }
+
+    async fn outbox_depth(&self) -> Result<u64, StoreError> {
+        self.inner.outbox_depth().await
+    }
+
+    fn set_audit_hook(&self, hook: AuditHook) {
+        self.inner.set_audit_hook(hook);
+    }
 }
 
 #[cfg(test)]
@@ -308,6 +363,7 @@ mod tests {
             latency_ms: 1.0,
             via: "api".into(),
             replica: "a".into(),
+            outbox: Vec::new(),
         }
     }
 
@@ -386,5 +442,123 @@ mod tests {
         let store = SpoolingStore::new(flaky, dir.path()).unwrap();
         assert!(store.insert_activity(&[entry("1")]).await.is_err());
         assert_eq!(store.depth(), 0);
+    }
+
+    /// A real SQLite store behind a switch: while down, activity writes (through
+    /// `insert_activity` or its sink) answer `Unavailable`.
+    struct Switch {
+        down: Arc<AtomicBool>,
+        inner: crate::store::SqliteStore,
+    }
+
+    struct SwitchSink {
+        down: Arc<AtomicBool>,
+        inner: Box<dyn ActivitySink>,
+    }
+
+    impl ActivitySink for SwitchSink {
+        fn insert(&mut self, batch: &[ActivityRecord]) -> Result<(), StoreError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("down".into()));
+            }
+            self.inner.insert(batch)
+        }
+    }
+
+    #[async_trait]
+    impl Store for Switch {
+        async fn load_all(&self) -> Result<Vec<StoredObject>, StoreError> {
+            self.inner.load_all().await
+        }
+        async fn commit(&self, changes: Vec<Change>, audit: Vec<AuditDraft>) -> Result<Vec<AuditEntry>, StoreError> {
+            self.inner.commit(changes, audit).await
+        }
+        async fn last_file_hash(&self, file: &str) -> Result<Option<String>, StoreError> {
+            self.inner.last_file_hash(file).await
+        }
+        async fn list_audit(&self, filter: &AuditFilter, page: &Page) -> Result<Listing<AuditEntry>, StoreError> {
+            self.inner.list_audit(filter, page).await
+        }
+        async fn verify_audit(&self) -> Result<VerifyResult, StoreError> {
+            self.inner.verify_audit().await
+        }
+        async fn insert_activity(&self, batch: &[ActivityEntry]) -> Result<(), StoreError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("down".into()));
+            }
+            self.inner.insert_activity(batch).await
+        }
+        fn activity_sink(&self) -> Option<Box<dyn ActivitySink>> {
+            Some(Box::new(SwitchSink { down: self.down.clone(), inner: self.inner.activity_sink()? }))
+        }
+        async fn list_activity(
+            &self,
+            filter: &ActivityFilter,
+            page: &Page,
+        ) -> Result<Listing<ActivityEntry>, StoreError> {
+            self.inner.list_activity(filter, page).await
+        }
+        async fn prune_activity(&self, older_than: OffsetDateTime) -> Result<u64, StoreError> {
+            self.inner.prune_activity(older_than).await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.inner.ping().await
+        }
+        async fn list_deliveries(&self, webhook_id: &str, page: &Page) -> Result<Listing<Delivery>, StoreError> {
+            self.inner.list_deliveries(webhook_id, page).await
+        }
+        async fn outbox_depth(&self) -> Result<u64, StoreError> {
+            self.inner.outbox_depth().await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spooled_entries_keep_their_webhook_events_until_drained() {
+        use crate::store::outbox_conformance::event;
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = Arc::new(crate::secrets::SecretBox::from_key([9u8; 32]));
+        let down = Arc::new(AtomicBool::new(true));
+        let switch = Arc::new(Switch {
+            down: down.clone(),
+            inner: crate::store::SqliteStore::open(dir.path(), secrets).unwrap(),
+        });
+        let store = SpoolingStore::new(switch.clone(), dir.path()).unwrap();
+        let with_events = |id: &str, events: Vec<OutboxEvent>| ActivityEntry { outbox: events, ..entry(id) };
+
+        // Spooled through both paths while the store is down.
+        store.insert_activity(&[with_events("1", vec![event("h", "e1")]), entry("2")]).await.unwrap();
+        let mut sink = store.activity_sink().expect("SQLite's sink, wrapped");
+        let record = ActivityRecord::from_entry(&with_events("3", vec![event("h", "e3"), event("g", "e3")])).unwrap();
+        tokio::task::spawn_blocking(move || sink.insert(&[record])).await.unwrap().unwrap();
+        assert_eq!(store.depth(), 3);
+        assert_eq!(store.outbox_depth().await.unwrap(), 0);
+
+        // The events are in the spool lines, and survive a restart.
+        let spooled = read_spool(&dir.path().join(SPOOL_FILE_NAME)).unwrap();
+        assert_eq!(spooled[0].outbox, [event("h", "e1")]);
+        assert_eq!(spooled[2].outbox, [event("h", "e3"), event("g", "e3")]);
+        let store = SpoolingStore::new(switch.clone(), dir.path()).unwrap();
+
+        // Drained: each entry's events become deliveries, once.
+        down.store(false, Ordering::SeqCst);
+        assert_eq!(store.drain().await.unwrap(), 3);
+        assert_eq!(store.outbox_depth().await.unwrap(), 3);
+        let listed = store.list_deliveries("h", &Page::default()).await.unwrap();
+        let ids: Vec<&str> = listed.items.iter().map(|d| d.event_id.as_str()).collect();
+        assert_eq!(ids, ["e3", "e1"]);
+        assert_eq!(listed.items[1].payload, event("h", "e1").payload);
+        store.insert_activity(&spooled).await.unwrap();
+        assert_eq!(store.outbox_depth().await.unwrap(), 3, "a replay adds nothing");
+    }
+
+    #[test]
+    fn spool_lines_without_events_keep_their_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SPOOL_FILE_NAME);
+        // A line as an earlier release wrote it, before entries had events.
+        let line = serde_json::to_string(&entry("1")).unwrap();
+        assert!(!line.contains("outbox"), "{line}");
+        std::fs::write(&path, format!("{line}\n")).unwrap();
+        assert_eq!(read_spool(&path).unwrap(), [entry("1")]);
     }
 }

@@ -17,12 +17,23 @@
 //! Schema: [`MIGRATIONS`] is an ordered list of SQL scripts; `PRAGMA user_version` holds
 //! how many have run. Each runs in its own transaction at [`SqliteStore::open`].
 //!
+//! Webhook outbox (SPEC §10): `webhook_deliveries` (migration 3) holds one row per
+//! (webhook, event). Rows are written in the transaction of what caused them — an
+//! activity batch (from [`ActivityRecord::outbox`], only for entries the batch actually
+//! inserted), a `commit` (from the [`AuditHook`]'s events) — so an answered decision or a
+//! committed change never lacks its events. A batch without events prepares nothing
+//! more than before. Delivery workers claim due rows with a lease (`claimed_by`,
+//! `claimed_until_us`), one `UPDATE … RETURNING` on the writer connection, which
+//! serialises claims; a lease that runs out (a crashed process) frees the row.
+//! `AUTOINCREMENT` keeps row ids (the listing order and cursor) from being reused after
+//! pruning.
+//!
 //! File loads: [`Store::last_file_hash`] reads `after.sha256` of the newest audit entry
 //! with `action = load`, `object_type = file`, `object_id = FILE` — the audit log is the
 //! record, no side table.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use rusqlite::types::Value as SqlValue;
@@ -31,9 +42,11 @@ use serde_json::Value;
 use time::OffsetDateTime;
 
 use super::{
-    activity_rule_ids, decode_activity_cursor, decode_audit_cursor, encode_activity_cursor, encode_audit_cursor,
-    unix_micros, ActivityEntry, ActivityFilter, ActivityRecord, ActivitySink, AuditAction, AuditDraft, AuditEntry,
-    AuditFilter, Change, Listing, ObjectKind, Page, Store, StoreError, StoredObject, Synchronous, VerifyResult,
+    activity_rule_ids, decode_activity_cursor, decode_audit_cursor, decode_delivery_cursor, encode_activity_cursor,
+    encode_audit_cursor, encode_delivery_cursor, format_time, unix_micros, ActivityEntry, ActivityFilter,
+    ActivityRecord, ActivitySink, AuditAction, AuditDraft, AuditEntry, AuditFilter, AuditHook, Change, Delivery,
+    DeliveryUpdate, Listing, ObjectKind, OutboxEvent, Page, RawDelivery, Store, StoreError, StoredObject, Synchronous,
+    VerifyResult, DELIVERY_COLUMNS,
 };
 use crate::logs::audit::{seal_all, ChainBreak, ChainVerifier, GENESIS_HASH};
 use crate::secrets::SecretBox;
@@ -125,6 +138,33 @@ pub const MIGRATIONS: &[&str] = &[
     DROP INDEX activity_rule_by_activity;
     CREATE INDEX activity_denies ON activity (time_us, id) WHERE decision = 'deny';
     "#,
+    // 3: the webhook outbox (SPEC §10): one row per (webhook, event). `state` is
+    // `pending`, `delivered` or `failed`; a pending row is due at `next_attempt_us` and
+    // free to claim once `claimed_until_us` has passed. The due index is partial: only
+    // pending rows are ever claimed, and delivered ones (nearly all) cost it nothing.
+    r#"
+    CREATE TABLE webhook_deliveries (
+        id                INTEGER PRIMARY KEY AUTOINCREMENT,
+        webhook_id        TEXT NOT NULL,
+        event_id          TEXT NOT NULL,
+        event_type        TEXT NOT NULL,
+        payload           TEXT NOT NULL,
+        state             TEXT NOT NULL DEFAULT 'pending',
+        attempts          INTEGER NOT NULL DEFAULT 0,
+        max_attempts      INTEGER NOT NULL,
+        last_status       INTEGER,
+        last_error        TEXT,
+        next_attempt_us   INTEGER NOT NULL,
+        claimed_by        TEXT,
+        claimed_until_us  INTEGER NOT NULL DEFAULT 0,
+        created_at        TEXT NOT NULL,
+        updated_at        TEXT NOT NULL,
+        updated_us        INTEGER NOT NULL,
+        UNIQUE (webhook_id, event_id)
+    );
+    CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_us, id) WHERE state = 'pending';
+    CREATE INDEX webhook_deliveries_by_hook ON webhook_deliveries (webhook_id, id);
+    "#,
 ];
 
 /// Options of [`SqliteStore::open_with`].
@@ -141,6 +181,8 @@ pub struct SqliteStore {
     reader: Arc<Mutex<Connection>>,
     secrets: Arc<SecretBox>,
     options: SqliteOptions,
+    /// Builds the outbox events of the audit entries `commit` seals.
+    audit_hook: RwLock<Option<AuditHook>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -176,6 +218,7 @@ impl SqliteStore {
             reader: Arc::new(Mutex::new(reader)),
             secrets,
             options,
+            audit_hook: RwLock::new(None),
         })
     }
 
@@ -422,6 +465,7 @@ fn activity_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, i64, Act
             latency_ms: row.get(12)?,
             via: row.get(13)?,
             replica: row.get(14)?,
+            outbox: Vec::new(),
         },
         policies,
         rules,
@@ -434,6 +478,9 @@ fn insert_records(conn: &mut Connection, batch: &[ActivityRecord]) -> Result<(),
     // BEGIN and COMMIT as cached statements: a batch is committed every few hundred µs
     // under load, and parsing them anew each time shows in profiles.
     let tx = CachedTx::begin_immediate(conn)?;
+    // Records inserted by this batch that carry webhook events (usually none: then
+    // nothing below touches the outbox).
+    let mut with_events: Vec<&ActivityRecord> = Vec::new();
     {
         let mut ins = tx
             .prepare_cached(
@@ -471,10 +518,77 @@ fn insert_records(conn: &mut Connection, batch: &[ActivityRecord]) -> Result<(),
                 for rule_id in &r.rule_ids {
                     ins_rule.execute(params![rule_id, id]).map_err(db_err)?;
                 }
+                if !r.outbox.is_empty() {
+                    with_events.push(r);
+                }
             }
         }
     }
+    // A known decision (a retry) was written with its events the first time.
+    if !with_events.is_empty() {
+        insert_events(&tx, with_events.iter().flat_map(|r| &r.outbox), OffsetDateTime::now_utc())?;
+    }
     tx.commit()
+}
+
+/// Inserts outbox events as pending deliveries due at `now`, inside the caller's
+/// transaction; a known `(webhook_id, event_id)` is ignored.
+fn insert_events<'a>(
+    conn: &Connection,
+    events: impl IntoIterator<Item = &'a OutboxEvent>,
+    now: OffsetDateTime,
+) -> Result<(), StoreError> {
+    let mut ins = conn
+        .prepare_cached(
+            "INSERT OR IGNORE INTO webhook_deliveries (webhook_id, event_id, event_type, payload, \
+             max_attempts, next_attempt_us, created_at, updated_at, updated_us) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?6)",
+        )
+        .map_err(db_err)?;
+    let (time, us) = (format_time(now), unix_micros(now));
+    for e in events {
+        ins.execute(params![e.webhook_id, e.event_id, e.event_type, e.payload, i64::from(e.max_attempts), us, time])
+            .map_err(db_err)?;
+    }
+    Ok(())
+}
+
+fn delivery_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawDelivery> {
+    Ok(RawDelivery {
+        id: row.get(0)?,
+        webhook_id: row.get(1)?,
+        event_id: row.get(2)?,
+        event_type: row.get(3)?,
+        state: row.get(4)?,
+        attempts: row.get(5)?,
+        max_attempts: row.get(6)?,
+        last_status: row.get(7)?,
+        last_error: row.get(8)?,
+        next_attempt_us: row.get(9)?,
+        created_at: row.get(10)?,
+        updated_at: row.get(11)?,
+        payload: row.get(12)?,
+    })
+}
+
+/// Runs a statement selecting [`DELIVERY_COLUMNS`] and reads its rows.
+fn query_deliveries(conn: &Connection, sql: &str, args: impl rusqlite::Params) -> Result<Vec<RawDelivery>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).map_err(db_err)?;
+    let rows = stmt.query_map(args, delivery_from_row).map_err(db_err)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+}
+
+/// Deletes up to [`PRUNE_CHUNK`] finished (delivered or failed) deliveries last changed
+/// before `cutoff` (µs); returns how many. Pending rows stay however old: they are
+/// still owed to their webhook.
+fn prune_deliveries_chunk(conn: &Connection, cutoff: i64) -> Result<usize, StoreError> {
+    let chunk = i64::try_from(PRUNE_CHUNK).unwrap_or(i64::MAX);
+    conn.prepare_cached(
+        "DELETE FROM webhook_deliveries WHERE id IN \
+         (SELECT id FROM webhook_deliveries WHERE state <> 'pending' AND updated_us < ?1 LIMIT ?2)",
+    )
+    .and_then(|mut stmt| stmt.execute(params![cutoff, chunk]))
+    .map_err(db_err)
 }
 
 /// A write transaction begun and committed through cached statements; rolled back when
@@ -655,6 +769,7 @@ impl Store for SqliteStore {
         for d in &audit {
             audit_rows.push((opt_json_text(d.before.as_ref())?, opt_json_text(d.after.as_ref())?));
         }
+        let hook = self.audit_hook.read().unwrap_or_else(PoisonError::into_inner).clone();
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
             {
@@ -724,6 +839,14 @@ impl Store for SqliteStore {
                         e.hash
                     ])
                     .map_err(db_err)?;
+                }
+            }
+            // The entries' webhook events, in the same transaction: written if and only
+            // if the entries are.
+            if let Some(hook) = &hook {
+                let events: Vec<OutboxEvent> = entries.iter().flat_map(|e| hook(e)).collect();
+                if !events.is_empty() {
+                    insert_events(&tx, &events, now)?;
                 }
             }
             tx.commit().map_err(db_err)?;
@@ -910,9 +1033,22 @@ impl Store for SqliteStore {
             let removed = self.write(move |conn| prune_chunk(conn, cutoff)).await?;
             total += u64::try_from(removed).unwrap_or(u64::MAX);
             if removed < PRUNE_CHUNK {
-                return Ok(total);
+                break;
             }
         }
+        // Finished webhook deliveries follow the activity log's retention.
+        let mut deliveries: usize = 0;
+        loop {
+            let removed = self.write(move |conn| prune_deliveries_chunk(conn, cutoff)).await?;
+            deliveries += removed;
+            if removed < PRUNE_CHUNK {
+                break;
+            }
+        }
+        if deliveries > 0 {
+            tracing::info!(deliveries, "pruned finished webhook deliveries");
+        }
+        Ok(total)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -923,6 +1059,168 @@ impl Store for SqliteStore {
             Ok(())
         })
         .await
+    }
+
+    async fn enqueue_events(&self, events: &[OutboxEvent]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let events = events.to_vec();
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+            insert_events(&tx, &events, OffsetDateTime::now_utc())?;
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        owner: &str,
+        now_us: i64,
+        lease_us: i64,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let owner = owner.to_string();
+        let until = now_us.saturating_add(lease_us);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // One statement on the one writer connection: claims are serialised, so two
+        // workers never get the same row.
+        let sql = format!(
+            "UPDATE webhook_deliveries SET claimed_by = ?1, claimed_until_us = ?2 WHERE id IN \
+             (SELECT id FROM webhook_deliveries \
+              WHERE state = 'pending' AND next_attempt_us <= ?3 AND claimed_until_us <= ?3 \
+              ORDER BY next_attempt_us, id LIMIT ?4) \
+             RETURNING {DELIVERY_COLUMNS}"
+        );
+        let mut rows =
+            self.write(move |conn| query_deliveries(conn, &sql, params![owner, until, now_us, limit])).await?;
+        // RETURNING has no defined order.
+        rows.sort_by_key(|r| (r.next_attempt_us, r.id));
+        rows.into_iter().map(RawDelivery::into_delivery).collect()
+    }
+
+    async fn finish_delivery(&self, id: i64, update: &DeliveryUpdate) -> Result<(), StoreError> {
+        let u = update.clone();
+        let now = OffsetDateTime::now_utc();
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE webhook_deliveries SET state = ?2, attempts = ?3, last_status = ?4, last_error = ?5, \
+                 next_attempt_us = ?6, claimed_by = NULL, claimed_until_us = 0, updated_at = ?7, updated_us = ?8 \
+                 WHERE id = ?1",
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    id,
+                    u.state.as_str(),
+                    i64::from(u.attempts),
+                    u.last_status.map(i64::from),
+                    u.last_error,
+                    u.next_attempt_us,
+                    format_time(now),
+                    unix_micros(now)
+                ])
+            })
+            .map(drop)
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn release_claims(&self, owner: &str) -> Result<u64, StoreError> {
+        let owner = owner.to_string();
+        let released = self
+            .write(move |conn| {
+                // Only pending rows hold claims (`finish_delivery` clears them), and the
+                // partial index lists exactly those.
+                conn.prepare_cached(
+                    "UPDATE webhook_deliveries SET claimed_by = NULL, claimed_until_us = 0 \
+                     WHERE state = 'pending' AND claimed_by = ?1",
+                )
+                .and_then(|mut stmt| stmt.execute(params![owner]))
+                .map_err(db_err)
+            })
+            .await?;
+        Ok(u64::try_from(released).unwrap_or(u64::MAX))
+    }
+
+    async fn list_deliveries(&self, webhook_id: &str, page: &Page) -> Result<Listing<Delivery>, StoreError> {
+        let limit = page.effective_limit();
+        let before = match &page.cursor {
+            Some(cursor) => decode_delivery_cursor(cursor)?,
+            None => i64::MAX,
+        };
+        let webhook_id = webhook_id.to_string();
+        let fetch = i64::try_from(limit + 1).unwrap_or(i64::MAX);
+        let sql = format!(
+            "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE webhook_id = ?1 AND id < ?2 \
+             ORDER BY id DESC LIMIT ?3"
+        );
+        let rows = self.read(move |conn| query_deliveries(conn, &sql, params![webhook_id, before, fetch])).await?;
+        let mut items = rows.into_iter().map(RawDelivery::into_delivery).collect::<Result<Vec<_>, _>>()?;
+        let next_cursor = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(|d| encode_delivery_cursor(d.id))
+        } else {
+            None
+        };
+        Ok(Listing { items, next_cursor })
+    }
+
+    async fn get_delivery(&self, webhook_id: &str, event_id: &str) -> Result<Option<Delivery>, StoreError> {
+        let (webhook_id, event_id) = (webhook_id.to_string(), event_id.to_string());
+        let sql = format!("SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE webhook_id = ?1 AND event_id = ?2");
+        let rows = self.read(move |conn| query_deliveries(conn, &sql, params![webhook_id, event_id])).await?;
+        rows.into_iter().next().map(RawDelivery::into_delivery).transpose()
+    }
+
+    async fn retry_delivery(
+        &self,
+        webhook_id: &str,
+        event_id: &str,
+        now_us: i64,
+        extra_attempts: u32,
+    ) -> Result<Option<Delivery>, StoreError> {
+        let (webhook_id, event_id) = (webhook_id.to_string(), event_id.to_string());
+        let now = OffsetDateTime::now_utc();
+        let sql = format!(
+            "UPDATE webhook_deliveries SET state = 'pending', next_attempt_us = ?3, \
+             max_attempts = min(attempts + ?4, {}), claimed_by = NULL, claimed_until_us = 0, \
+             updated_at = ?5, updated_us = ?6 \
+             WHERE webhook_id = ?1 AND event_id = ?2 RETURNING {DELIVERY_COLUMNS}",
+            u32::MAX
+        );
+        let rows = self
+            .write(move |conn| {
+                let args = params![
+                    webhook_id,
+                    event_id,
+                    now_us,
+                    i64::from(extra_attempts),
+                    format_time(now),
+                    unix_micros(now)
+                ];
+                query_deliveries(conn, &sql, args)
+            })
+            .await?;
+        rows.into_iter().next().map(RawDelivery::into_delivery).transpose()
+    }
+
+    async fn outbox_depth(&self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .read(|conn| {
+                conn.query_row("SELECT count(*) FROM webhook_deliveries WHERE state = 'pending'", [], |row| row.get(0))
+                    .map_err(db_err)
+            })
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    fn set_audit_hook(&self, hook: AuditHook) {
+        *self.audit_hook.write().unwrap_or_else(PoisonError::into_inner) = Some(hook);
     }
 }
 
@@ -1277,6 +1575,7 @@ mod tests {
             latency_ms: 1.5,
             via: "api".into(),
             replica: "test".into(),
+            outbox: Vec::new(),
         }
     }
 
@@ -1480,7 +1779,9 @@ mod tests {
                 "activity_denies",
                 "audit_by_actor",
                 "audit_by_object",
-                "audit_by_time"
+                "audit_by_time",
+                "webhook_deliveries_by_hook",
+                "webhook_deliveries_due"
             ]
         );
         let deny = ActivityFilter { decision: Some("deny".into()), ..Default::default() };
@@ -1525,5 +1826,112 @@ mod tests {
         }
         let version: i64 = store.writer.lock().unwrap().pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
         assert_eq!(version, MIGRATIONS.len() as i64);
+    }
+
+    mod outbox {
+        use super::*;
+        use crate::store::outbox_conformance as conformance;
+
+        #[tokio::test]
+        async fn activity_batches_write_their_events_once() {
+            let dir = tempfile::tempdir().unwrap();
+            conformance::activity_batches_write_their_events_once(&open(dir.path())).await;
+        }
+
+        #[tokio::test]
+        async fn claims_lease_and_finish() {
+            let dir = tempfile::tempdir().unwrap();
+            conformance::claims_lease_and_finish(&open(dir.path())).await;
+        }
+
+        #[tokio::test]
+        async fn release_claims_frees_rows() {
+            let dir = tempfile::tempdir().unwrap();
+            conformance::release_claims_frees_rows(&open(dir.path())).await;
+        }
+
+        #[tokio::test]
+        async fn listing_get_and_retry() {
+            let dir = tempfile::tempdir().unwrap();
+            conformance::listing_get_and_retry(&open(dir.path())).await;
+        }
+
+        #[tokio::test]
+        async fn depth_counts_pending_only() {
+            let dir = tempfile::tempdir().unwrap();
+            conformance::depth_counts_pending_only(&open(dir.path())).await;
+        }
+
+        #[tokio::test]
+        async fn audit_hook_events_commit_with_the_entry() {
+            let dir = tempfile::tempdir().unwrap();
+            conformance::audit_hook_events_commit_with_the_entry(&open(dir.path())).await;
+        }
+
+        #[tokio::test]
+        async fn a_failing_outbox_insert_fails_the_whole_write() {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open(dir.path());
+            let path = dir.path().join(DB_FILE_NAME);
+            conformance::a_failing_outbox_insert_fails_the_whole_write(&store, || async move {
+                let raw = Connection::open(path).unwrap();
+                raw.execute_batch(
+                    "CREATE TRIGGER no_outbox BEFORE INSERT ON webhook_deliveries \
+                     BEGIN SELECT RAISE(ABORT, 'outbox refused'); END;",
+                )
+                .unwrap();
+            })
+            .await;
+        }
+
+        #[tokio::test]
+        async fn prune_removes_finished_deliveries() {
+            let dir = tempfile::tempdir().unwrap();
+            conformance::prune_removes_finished_deliveries(&open(dir.path())).await;
+        }
+
+        #[tokio::test]
+        async fn the_activity_sink_writes_events_too() {
+            let dir = tempfile::tempdir().unwrap();
+            let secrets = Arc::new(SecretBox::load_or_create(dir.path(), None).unwrap());
+            let options = SqliteOptions { activity_synchronous: Synchronous::Normal };
+            let store = SqliteStore::open_with(dir.path(), secrets, options).unwrap();
+            let entries = [
+                conformance::entry("d1", vec![]),
+                conformance::entry("d2", vec![conformance::event("h", "e2")]),
+                conformance::entry("d3", vec![conformance::event("h", "e3a"), conformance::event("h", "e3b")]),
+            ];
+            let records: Vec<ActivityRecord> = entries.iter().map(|e| ActivityRecord::from_entry(e).unwrap()).collect();
+            assert_eq!(records[2].to_entry().unwrap(), entries[2], "records carry the events both ways");
+            let mut sink = store.activity_sink().unwrap();
+            sink.insert(&records[..1]).unwrap();
+            assert_eq!(store.outbox_depth().await.unwrap(), 0);
+            sink.insert(&records).unwrap();
+            sink.insert(&records).unwrap();
+            let listed = store.list_deliveries("h", &Page::default()).await.unwrap();
+            let ids: Vec<&str> = listed.items.iter().map(|d| d.event_id.as_str()).collect();
+            assert_eq!(ids, ["e3b", "e3a", "e2"]);
+            assert_eq!(store.list_activity(&ActivityFilter::default(), &Page::default()).await.unwrap().items.len(), 3);
+        }
+
+        #[tokio::test]
+        async fn claims_use_the_partial_due_index() {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open(dir.path());
+            let conn = store.reader.lock().unwrap();
+            let plan = |sql: &str| -> Vec<String> {
+                let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+                let rows = stmt.query_map([], |r| r.get(3)).unwrap();
+                rows.collect::<Result<_, _>>().unwrap()
+            };
+            let claim = plan(
+                "SELECT id FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_us <= 5 \
+                 AND claimed_until_us <= 5 ORDER BY next_attempt_us, id LIMIT 10",
+            );
+            assert!(claim.iter().any(|s| s.contains("webhook_deliveries_due")), "{claim:?}");
+            let list =
+                plan("SELECT id FROM webhook_deliveries WHERE webhook_id = 'h' AND id < 9 ORDER BY id DESC LIMIT 10");
+            assert!(list.iter().any(|s| s.contains("webhook_deliveries_by_hook")), "{list:?}");
+        }
     }
 }

@@ -314,6 +314,7 @@ async fn activity_retention_prunes_entries_older_than_the_setting() {
                 latency_ms: 0.1,
                 via: "api".into(),
                 replica: "test".into(),
+                outbox: Vec::new(),
             })
             .collect();
         store.insert_activity(&entries).await.expect("insert");

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 
-/// The endpoints of SPEC §7, as (method, OpenAPI path).
+/// The endpoints of SPEC §7 and §10, as (method, OpenAPI path).
 const SPEC_ENDPOINTS: &[(&str, &str)] = &[
     ("post", "/v1/decisions"),
     // "any method" /v1/forward-auth
@@ -39,6 +39,15 @@ const SPEC_ENDPOINTS: &[(&str, &str)] = &[
     ("get", "/readyz"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),
+    // SPEC §10, event webhooks
+    ("get", "/v1/webhooks"),
+    ("post", "/v1/webhooks"),
+    ("get", "/v1/webhooks/{id}"),
+    ("put", "/v1/webhooks/{id}"),
+    ("delete", "/v1/webhooks/{id}"),
+    ("post", "/v1/webhooks/{id}/test"),
+    ("get", "/v1/webhooks/{id}/deliveries"),
+    ("post", "/v1/webhooks/{id}/deliveries/{event_id}/retry"),
 ];
 
 const METHODS: &[&str] = &["get", "put", "post", "delete", "options", "head", "patch", "trace"];
@@ -75,9 +84,9 @@ async fn the_document_describes_every_endpoint_of_the_spec() {
     let spec: BTreeSet<(String, String)> =
         SPEC_ENDPOINTS.iter().map(|(m, p)| ((*m).to_owned(), (*p).to_owned())).collect();
     let missing: Vec<_> = spec.difference(&documented).collect();
-    assert!(missing.is_empty(), "endpoints of SPEC §7 missing from /openapi.json: {missing:?}");
+    assert!(missing.is_empty(), "endpoints of SPEC §7/§10 missing from /openapi.json: {missing:?}");
     let extra: Vec<_> = documented.difference(&spec).collect();
-    assert!(extra.is_empty(), "documented but not in SPEC §7 (update the spec list or the code): {extra:?}");
+    assert!(extra.is_empty(), "documented but not in SPEC §7/§10 (update the spec list or the code): {extra:?}");
 
     // Every /v1 operation requires the bearer scheme, which is declared; the rest none.
     let scheme = &doc["components"]["securitySchemes"]["bearer"];
@@ -101,6 +110,10 @@ async fn the_document_describes_every_endpoint_of_the_spec() {
         "VerifyReport",
         "Readiness",
         "ErrorBody",
+        "WebhookSpec",
+        "WebhookObject",
+        "Delivery",
+        "TestAnswer",
     ] {
         assert!(schemas.contains_key(name), "schema {name} missing; have {:?}", schemas.keys().collect::<Vec<_>>());
     }
@@ -118,7 +131,7 @@ async fn every_documented_operation_is_served() {
     let app = spawn_app(json!([]), json!([])).await;
     let doc = document(&app).await;
     for (method, path) in operations(&doc) {
-        let url = path.replace("{id}", "some-id");
+        let url = path.replace("{id}", "some-id").replace("{event_id}", "some-event");
         let method = Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
         let status = app.request(method.clone(), &url).send().await.expect("request").status().as_u16();
         if path.starts_with("/v1/") {

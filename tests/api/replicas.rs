@@ -639,3 +639,67 @@ async fn the_suite_switch_gives_every_test_app_a_database_of_its_own() {
         }
     }
 }
+
+/// The event ids a receiver got, in arrival order.
+async fn received_event_ids(receiver: &MockServer) -> Vec<String> {
+    let requests = receiver.received_requests().await.unwrap_or_default();
+    requests
+        .iter()
+        .filter_map(|r| r.headers.get("x-verdict-event-id").and_then(|v| v.to_str().ok()).map(str::to_string))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_webhook_event_goes_out_from_one_replica_and_webhooks_reach_every_replica() {
+    let api = posture_api().await;
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST")).and(path("/hook")).respond_with(ResponseTemplate::new(200)).mount(&receiver).await;
+    let p = pair().await;
+    admin(&p.a, Method::POST, "/v1/rules", Some(&posture_rule("r-bad", format!("{}/bad", api.uri()))), 201).await;
+    let policy = json!({"id": "p-hr", "applications": ["hr"], "rules": ["r-bad"]});
+    admin(&p.a, Method::POST, "/v1/policies", Some(&policy), 201).await;
+    let hook = json!({"id": "siem", "url": format!("{}/hook", receiver.uri()), "events": ["decision.denied"]});
+    admin(&p.a, Method::POST, "/v1/webhooks", Some(&hook), 201).await;
+    // Created on A, known to B within the SPEC's bound (it is an object like the others).
+    let (known, body) = get_until(&p.b, "/v1/webhooks/siem", 200, PROPAGATION).await;
+    assert!(known, "B does not know the webhook within 1 s of its creation on A: {body}");
+    let (_, policy_on_b) = get_until(&p.b, "/v1/policies/p-hr", 200, PROPAGATION).await;
+    assert_eq!(policy_on_b["id"], "p-hr");
+
+    // 40 denied decisions, half on each replica: each replica writes its events, and
+    // both delivery loops compete for every row.
+    let context = json!({"application": "hr", "username": "bob"});
+    let mut decided = Vec::new();
+    for i in 0..40 {
+        let bin = if i % 2 == 0 { &p.a } else { &p.b };
+        let answer = decision(bin, &context).await;
+        assert_eq!(answer["decision"], "deny", "{answer}");
+        decided.push(answer["decision_id"].as_str().expect("decision_id").to_string());
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut ids = received_event_ids(&receiver).await;
+    while ids.iter().collect::<HashSet<_>>().len() < decided.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ids = received_event_ids(&receiver).await;
+    }
+    // Both loops poll every second: give a second sender the time it would need to
+    // send a duplicate before counting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let requests = receiver.received_requests().await.unwrap_or_default();
+    let mut by_decision: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &requests {
+        let body: Value = serde_json::from_slice(&r.body).expect("JSON payload");
+        let id = body["detail"]["decision_id"].as_str().expect("decision id in detail").to_string();
+        *by_decision.entry(id).or_default() += 1;
+    }
+    let expected: BTreeMap<String, usize> = decided.iter().map(|d| (d.clone(), 1)).collect();
+    assert_eq!(by_decision, expected, "every denied decision's event exactly once, whichever replica sent it");
+    let ids = received_event_ids(&receiver).await;
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 40, "40 distinct event ids: {ids:?}");
+    // Both replicas list the same deliveries, all delivered after one attempt.
+    for bin in [&p.a, &p.b] {
+        let items = whole_list(bin, "/v1/webhooks/siem/deliveries").await;
+        assert_eq!(items.len(), 40, "{items:?}");
+        assert!(items.iter().all(|d| d["state"] == "delivered" && d["attempts"] == 1), "{items:?}");
+    }
+}

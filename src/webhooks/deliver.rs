@@ -1,0 +1,483 @@
+//! Delivery: one call per (webhook, event), signed, retried with backoff until it is
+//! delivered or fails for good.
+//!
+//! The worker keeps up to `concurrency` calls in flight. It claims due deliveries
+//! from the store (a lease, so a replica that dies mid-call leaves them to others, and
+//! on PostgreSQL `FOR UPDATE SKIP LOCKED`, so each event goes out from one replica),
+//! sends them, and writes each result back. It wakes when events are recorded and
+//! otherwise every `poll_ms`. A dead or slow receiver costs only its own slots and the
+//! rows waiting in the store: the outbox is never held in memory.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use sha2::Sha256;
+use tokio::task::JoinSet;
+
+use super::{EventType, Webhook, Webhooks};
+use crate::config::WebhookSettings;
+use crate::metrics::Metrics;
+use crate::outbound::{CallMode, Outbound};
+use crate::rule::{RenderedBody, RenderedRequest};
+use crate::store::{parse_time, unix_micros, Delivery, DeliveryState, DeliveryUpdate, Store, StoreError};
+
+/// How much of a receiver's answer a test call shows.
+const TEST_BODY_BYTES: usize = 4096;
+/// Longest `last_error` kept.
+const MAX_ERROR_CHARS: usize = 300;
+/// Extra lease beyond the webhook's timeout.
+const LEASE_MARGIN: Duration = Duration::from_secs(30);
+/// How long an event for a webhook this replica does not know is kept pending (it may
+/// have been created on another replica a moment ago) before it fails.
+const UNKNOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// The result of one call.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub status: Option<u16>,
+    pub body: Option<bytes::Bytes>,
+    pub error: Option<String>,
+    pub retry_after: Option<Duration>,
+    pub latency: Duration,
+}
+
+impl Attempt {
+    /// What the attempt means for the delivery.
+    pub fn verdict(&self) -> AttemptVerdict {
+        match self.status {
+            Some(s) if (200..300).contains(&s) => AttemptVerdict::Delivered,
+            Some(408 | 429) => AttemptVerdict::Retry,
+            Some(s) if s >= 500 => AttemptVerdict::Retry,
+            Some(_) => AttemptVerdict::Failed,
+            None => AttemptVerdict::Retry,
+        }
+    }
+}
+
+/// Delivered; try again later; or give up now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptVerdict {
+    Delivered,
+    Retry,
+    Failed,
+}
+
+/// What `POST /v1/webhooks/{id}/test` answers.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct TestAnswer {
+    pub event_id: String,
+    /// Whether the receiver answered 2xx.
+    pub delivered: bool,
+    /// The receiver's status, `null` when no answer came.
+    pub status: Option<u16>,
+    pub latency_ms: f64,
+    /// The first 4 KiB of the answer (lossy UTF-8).
+    pub body: Option<String>,
+    /// Why no answer came.
+    pub error: Option<String>,
+}
+
+/// `X-Verdict-Signature` for `body` at unix time `t`: `t=<t>,v1=<hex HMAC-SHA256 of
+/// "<t>.<body>">`, keyed with the UTF-8 bytes of the signing secret.
+pub fn signature(secret: &str, t: i64, body: &[u8]) -> String {
+    // HMAC takes keys of any length; `new_from_slice` cannot fail for it.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes()).unwrap_or_else(|_| unreachable!());
+    mac.update(t.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The delay before attempt `attempts + 1` after `attempts` failed ones: `base`
+/// doubled per attempt, or the receiver's `Retry-After`, at most `max`.
+pub fn backoff(attempts: u32, base: Duration, retry_after: Option<Duration>, max: Duration) -> Duration {
+    let exp = attempts.saturating_sub(1).min(30);
+    let delay = retry_after.unwrap_or_else(|| base.saturating_mul(1u32 << exp));
+    delay.min(max)
+}
+
+/// `Retry-After`: seconds, or an HTTP date.
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate(value)?;
+    let now = time::OffsetDateTime::now_utc();
+    Some(if when > now { (when - now).unsigned_abs() } else { Duration::ZERO })
+}
+
+/// An IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
+fn httpdate(value: &str) -> Option<time::OffsetDateTime> {
+    let fmt = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    time::PrimitiveDateTime::parse(value, &fmt).ok().map(|t| t.assume_utc())
+}
+
+/// Metrics of delivery.
+struct DeliveryMetrics {
+    deliveries: IntCounterVec,
+    latency: HistogramVec,
+    depth: IntGauge,
+}
+
+impl DeliveryMetrics {
+    fn new(metrics: &Metrics) -> DeliveryMetrics {
+        let deliveries = IntCounterVec::new(
+            Opts::new(
+                "verdict_webhook_deliveries_total",
+                "Webhook delivery attempts by webhook and result: delivered, retry (will be tried again), failed",
+            ),
+            &["webhook", "state"],
+        )
+        .unwrap_or_else(|e| unreachable!("{e}"));
+        let latency = HistogramVec::new(
+            HistogramOpts::new("verdict_webhook_delivery_seconds", "Webhook call latency")
+                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            &["webhook"],
+        )
+        .unwrap_or_else(|e| unreachable!("{e}"));
+        let depth = IntGauge::new("verdict_webhook_outbox_depth", "Webhook deliveries pending in the outbox")
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        for c in [
+            Box::new(deliveries.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(latency.clone()),
+            Box::new(depth.clone()),
+        ] {
+            if let Err(e) = metrics.registry().register(c) {
+                tracing::warn!(error = %e, "webhook metrics not registered");
+            }
+        }
+        DeliveryMetrics { deliveries, latency, depth }
+    }
+}
+
+/// Sends events to webhooks and runs the delivery loop.
+pub struct Deliverer {
+    webhooks: Arc<Webhooks>,
+    store: Arc<dyn Store>,
+    outbound: Arc<dyn Outbound>,
+    settings: WebhookSettings,
+    owner: String,
+    metrics: DeliveryMetrics,
+}
+
+impl Deliverer {
+    /// A deliverer for the webhooks in force; `owner` names this replica's claims.
+    pub fn new(
+        webhooks: Arc<Webhooks>,
+        store: Arc<dyn Store>,
+        outbound: Arc<dyn Outbound>,
+        settings: WebhookSettings,
+        owner: &str,
+        metrics: &Metrics,
+    ) -> Arc<Deliverer> {
+        Arc::new(Deliverer {
+            webhooks,
+            store,
+            outbound,
+            settings,
+            owner: owner.to_owned(),
+            metrics: DeliveryMetrics::new(metrics),
+        })
+    }
+
+    /// One signed call of `payload` to `hook`, within its timeout.
+    pub async fn send(&self, hook: &Webhook, event_id: &str, event_type: &str, payload: &str) -> Attempt {
+        let started = Instant::now();
+        let body = match with_body_params(payload, &hook.body_params) {
+            Ok(b) => b,
+            Err(e) => {
+                return Attempt {
+                    status: None,
+                    body: None,
+                    error: Some(e),
+                    retry_after: None,
+                    latency: started.elapsed(),
+                }
+            }
+        };
+        let t = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut headers = hook.headers.clone();
+        headers.push((reqwest::header::HeaderName::from_static("x-verdict-event-id"), event_id.to_owned()));
+        headers.push((reqwest::header::HeaderName::from_static("x-verdict-event-type"), event_type.to_owned()));
+        headers.push((
+            reqwest::header::HeaderName::from_static("x-verdict-signature"),
+            signature(hook.signing_secret.expose(), t, &body),
+        ));
+        let request = RenderedRequest {
+            method: hook.method.clone(),
+            url: hook.url.clone(),
+            headers,
+            body: Some(RenderedBody { content_type: "application/json", bytes: body }),
+        };
+        let result =
+            tokio::time::timeout(hook.timeout, self.outbound.send(&request, &hook.auth, CallMode::Decision)).await;
+        let latency = started.elapsed();
+        self.metrics.latency.with_label_values(&[&hook.id]).observe(latency.as_secs_f64());
+        match result {
+            Ok(Ok(resp)) => {
+                let retry_after = resp
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
+                    .and_then(|(_, v)| parse_retry_after(v));
+                Attempt { status: Some(resp.status), body: Some(resp.body), error: None, retry_after, latency }
+            }
+            Ok(Err(e)) => Attempt { status: None, body: None, error: Some(e.to_string()), retry_after: None, latency },
+            Err(_) => Attempt {
+                status: None,
+                body: None,
+                error: Some(format!("timed out after {} ms", hook.timeout.as_millis())),
+                retry_after: None,
+                latency,
+            },
+        }
+    }
+
+    /// The test call: a `WebhookTest` event sent now, not through the outbox.
+    pub async fn test(&self, hook: &Webhook) -> TestAnswer {
+        let (event_id, payload) = self.webhooks.test_event(hook);
+        let attempt = self.send(hook, &event_id, EventType::WebhookTest.as_str(), &payload).await;
+        TestAnswer {
+            delivered: attempt.verdict() == AttemptVerdict::Delivered,
+            event_id,
+            status: attempt.status,
+            latency_ms: (attempt.latency.as_secs_f64() * 100_000.0).round() / 100.0,
+            body: attempt
+                .body
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(&b[..b.len().min(TEST_BODY_BYTES)]).into_owned()),
+            error: attempt.error,
+        }
+    }
+
+    /// Runs the delivery loop forever (spawn it).
+    pub async fn run(self: Arc<Self>) {
+        match self.store.release_claims(&self.owner).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(deliveries = n, "re-sending webhook deliveries that were in flight at the last stop")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release this replica's earlier claims; they expire with their lease")
+            }
+        }
+        let poll = Duration::from_millis(self.settings.poll_ms);
+        let mut in_flight: JoinSet<()> = JoinSet::new();
+        let mut last_depth = Instant::now() - poll;
+        loop {
+            let free = self.settings.concurrency.saturating_sub(in_flight.len());
+            let mut claimed = 0;
+            if free > 0 {
+                match self.claim(free).await {
+                    Ok(deliveries) => {
+                        claimed = deliveries.len();
+                        for d in deliveries {
+                            let me = self.clone();
+                            in_flight.spawn(async move { me.attempt(d).await });
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot read the webhook outbox; retrying"),
+                }
+            }
+            if last_depth.elapsed() >= poll {
+                last_depth = Instant::now();
+                if let Ok(depth) = self.store.outbox_depth().await {
+                    self.metrics.depth.set(i64::try_from(depth).unwrap_or(i64::MAX));
+                }
+            }
+            if claimed > 0 && claimed == free {
+                // Possibly more due: claim again as soon as a slot frees up.
+                in_flight.join_next().await;
+                continue;
+            }
+            tokio::select! {
+                _ = self.webhooks.wake.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+            }
+        }
+    }
+
+    async fn claim(&self, limit: usize) -> Result<Vec<Delivery>, StoreError> {
+        let now = unix_micros(time::OffsetDateTime::now_utc());
+        let lease = Duration::from_millis(crate::rule::MAX_TIMEOUT_MS) + LEASE_MARGIN;
+        self.store.claim_deliveries(&self.owner, now, i64::try_from(lease.as_micros()).unwrap_or(i64::MAX), limit).await
+    }
+
+    /// One attempt of a claimed delivery, and its result written back.
+    async fn attempt(&self, d: Delivery) {
+        let now = time::OffsetDateTime::now_utc();
+        let set = self.webhooks.current();
+        let update = match set.hooks.get(&d.webhook_id) {
+            None => {
+                let age = parse_time(&d.created_at).map(|c| (now - c).unsigned_abs()).unwrap_or(Duration::MAX);
+                if age < UNKNOWN_GRACE {
+                    later(&d, now, Duration::from_secs(2), "webhook not known to this replica yet")
+                } else {
+                    DeliveryUpdate {
+                        state: DeliveryState::Failed,
+                        attempts: d.attempts,
+                        last_status: d.last_status,
+                        last_error: Some("the webhook was deleted".into()),
+                        next_attempt_us: unix_micros(now),
+                    }
+                }
+            }
+            Some(hook) if !hook.enabled => {
+                later(&d, now, Duration::from_secs(60), "webhook disabled; held until enabled")
+            }
+            Some(hook) => {
+                let attempt = self.send(hook, &d.event_id, &d.event_type, &d.payload).await;
+                let attempts = d.attempts + 1;
+                let error = attempt.error.clone().or_else(|| attempt.status.map(|s| format!("HTTP {s}")));
+                let verdict = match attempt.verdict() {
+                    AttemptVerdict::Retry if attempts >= d.max_attempts => AttemptVerdict::Failed,
+                    v => v,
+                };
+                let label = match verdict {
+                    AttemptVerdict::Delivered => "delivered",
+                    AttemptVerdict::Retry => "retry",
+                    AttemptVerdict::Failed => "failed",
+                };
+                self.metrics.deliveries.with_label_values(&[&hook.id, label]).inc();
+                if verdict == AttemptVerdict::Failed {
+                    tracing::warn!(webhook = %hook.id, event_id = %d.event_id, attempts, error = error.as_deref().unwrap_or(""), "webhook delivery failed for good");
+                }
+                let delay = backoff(
+                    attempts,
+                    Duration::from_millis(self.settings.backoff_base_ms),
+                    attempt.retry_after,
+                    Duration::from_secs(self.settings.max_backoff_s),
+                );
+                DeliveryUpdate {
+                    state: match verdict {
+                        AttemptVerdict::Delivered => DeliveryState::Delivered,
+                        AttemptVerdict::Retry => DeliveryState::Pending,
+                        AttemptVerdict::Failed => DeliveryState::Failed,
+                    },
+                    attempts,
+                    last_status: attempt.status,
+                    last_error: if verdict == AttemptVerdict::Delivered { None } else { error.map(truncate) },
+                    next_attempt_us: unix_micros(time::OffsetDateTime::now_utc() + delay),
+                }
+            }
+        };
+        if let Err(e) = self.store.finish_delivery(d.id, &update).await {
+            // The claim expires with its lease and the delivery is attempted again.
+            tracing::warn!(error = %e, event_id = %d.event_id, "could not record a webhook delivery result");
+        }
+    }
+}
+
+/// Keeps a delivery pending without counting an attempt.
+fn later(d: &Delivery, now: time::OffsetDateTime, delay: Duration, why: &str) -> DeliveryUpdate {
+    DeliveryUpdate {
+        state: DeliveryState::Pending,
+        attempts: d.attempts,
+        last_status: d.last_status,
+        last_error: Some(why.to_owned()),
+        next_attempt_us: unix_micros(now + delay),
+    }
+}
+
+fn truncate(mut s: String) -> String {
+    if let Some((i, _)) = s.char_indices().nth(MAX_ERROR_CHARS) {
+        s.truncate(i);
+        s.push('…');
+    }
+    s
+}
+
+/// The payload with the webhook's `body_params` as top-level keys (validation keeps
+/// them off the envelope's own keys).
+fn with_body_params(payload: &str, params: &[(String, String)]) -> Result<Vec<u8>, String> {
+    if params.is_empty() {
+        return Ok(payload.as_bytes().to_vec());
+    }
+    let mut map: Map<String, Value> =
+        serde_json::from_str(payload).map_err(|_| "the stored event payload is not a JSON object".to_string())?;
+    for (k, v) in params {
+        map.entry(k.clone()).or_insert_with(|| Value::String(v.clone()));
+    }
+    serde_json::to_vec(&map).map_err(|e| format!("cannot encode the payload: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_matches_a_known_vector_and_depends_on_every_input() {
+        // HMAC-SHA256("secret", "1700000000.{}"), computed independently with openssl:
+        // printf '1700000000.{}' | openssl dgst -sha256 -hmac secret
+        let sig = signature("secret", 1_700_000_000, b"{}");
+        assert_eq!(sig, "t=1700000000,v1=b8569b78799ff9e3cbff0fc2d63a33a2b57f3282abd07c37ae5e8e7d79a5f163");
+        assert_ne!(sig, signature("secret", 1_700_000_001, b"{}"));
+        assert_ne!(sig, signature("secreT", 1_700_000_000, b"{}"));
+        assert_ne!(sig, signature("secret", 1_700_000_000, b"{ }"));
+    }
+
+    #[test]
+    fn backoff_doubles_from_the_base_and_honours_retry_after_within_the_cap() {
+        let base = Duration::from_secs(1);
+        let max = Duration::from_secs(3600);
+        let delays: Vec<u64> = (1..=5).map(|a| backoff(a, base, None, max).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16]);
+        assert_eq!(backoff(2, base, Some(Duration::from_secs(7)), max), Duration::from_secs(7));
+        assert_eq!(backoff(40, base, None, max), max);
+        assert_eq!(backoff(1, base, Some(Duration::from_secs(999_999)), max), max);
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_and_http_dates() {
+        assert_eq!(parse_retry_after(" 12 "), Some(Duration::from_secs(12)));
+        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"), Some(Duration::ZERO));
+        let later = time::OffsetDateTime::now_utc() + Duration::from_secs(120);
+        let fmt = time::macros::format_description!(
+            "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+        );
+        let text = later.format(&fmt).unwrap();
+        let parsed = parse_retry_after(&text).expect("an HTTP date");
+        assert!(parsed > Duration::from_secs(100) && parsed <= Duration::from_secs(120), "{parsed:?}");
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn statuses_map_to_delivered_retry_or_failed() {
+        let attempt = |status: Option<u16>| Attempt {
+            status,
+            body: None,
+            error: None,
+            retry_after: None,
+            latency: Duration::ZERO,
+        };
+        for (status, expected) in [
+            (Some(200), AttemptVerdict::Delivered),
+            (Some(204), AttemptVerdict::Delivered),
+            (Some(408), AttemptVerdict::Retry),
+            (Some(429), AttemptVerdict::Retry),
+            (Some(503), AttemptVerdict::Retry),
+            (Some(400), AttemptVerdict::Failed),
+            (Some(404), AttemptVerdict::Failed),
+            (Some(301), AttemptVerdict::Failed),
+            (None, AttemptVerdict::Retry),
+        ] {
+            assert_eq!(attempt(status).verdict(), expected, "{status:?}");
+        }
+    }
+
+    #[test]
+    fn body_params_become_top_level_keys() {
+        let body = with_body_params(r#"{"version":"1","detail":{}}"#, &[("tenant".into(), "acme".into())]).unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["tenant"], "acme");
+        assert_eq!(v["version"], "1");
+    }
+}
