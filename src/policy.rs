@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::context::RequestContext;
-use crate::rule::{valid_id, FieldError, Rule};
+use crate::rule::{check_id, FieldError, Rule};
 
 /// A policy as written by an admin, and as read back.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -63,14 +63,7 @@ impl Policy {
     pub fn compile(mut spec: PolicySpec, source: &str, version: i64) -> Result<Policy, Vec<FieldError>> {
         let mut errors = Vec::new();
         let id = spec.id.clone().unwrap_or_default();
-        if !valid_id(&id) {
-            errors.push(FieldError::new(
-                "id",
-                format!(
-                    "`{id}` is not a valid id: use 1 to 64 of a-z, 0-9, `_` and `-`, starting with a letter or digit"
-                ),
-            ));
-        }
+        check_id(&id, &mut errors);
         let applications = spec.applications.clone().unwrap_or_default();
         if spec.applications.is_none() {
             errors.push(FieldError::new(
@@ -119,14 +112,7 @@ impl Policy {
 
     /// The policy as reads show it, with the read-only fields.
     pub fn to_json(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(&self.spec).unwrap_or_default();
-        if let serde_json::Value::Object(map) = &mut v {
-            map.insert("source".into(), self.source.clone().into());
-            map.insert("version".into(), self.version.into());
-            map.insert("created_at".into(), self.created_at.clone().into());
-            map.insert("updated_at".into(), self.updated_at.clone().into());
-        }
-        v
+        crate::rule::with_meta(&self.spec, &self.source, self.version, &self.created_at, &self.updated_at)
     }
 
     /// Whether the policy's subjects cover the request (empty subjects cover everyone).

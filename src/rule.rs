@@ -343,6 +343,29 @@ pub fn valid_id(id: &str) -> bool {
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
 }
 
+/// Adds an `id` problem when `id` is not valid (rules, policies, webhooks).
+pub fn check_id(id: &str, errors: &mut Vec<FieldError>) {
+    if !valid_id(id) {
+        errors.push(FieldError::new(
+            "id",
+            format!("`{id}` is not a valid id: use 1 to 64 of a-z, 0-9, `_` and `-`, starting with a letter or digit"),
+        ));
+    }
+}
+
+/// An object's public JSON: its spec plus the read-only fields every managed object
+/// carries.
+pub fn with_meta(spec: &impl Serialize, source: &str, version: i64, created_at: &str, updated_at: &str) -> Value {
+    let mut v = serde_json::to_value(spec).unwrap_or_default();
+    if let Value::Object(map) = &mut v {
+        map.insert("source".into(), source.into());
+        map.insert("version".into(), version.into());
+        map.insert("created_at".into(), created_at.into());
+        map.insert("updated_at".into(), updated_at.into());
+    }
+    v
+}
+
 /// Largest rule timeout accepted.
 pub const MAX_TIMEOUT_MS: u64 = 60_000;
 
@@ -351,14 +374,7 @@ impl Rule {
     pub fn compile(mut spec: RuleSpec, source: &str, version: i64) -> Result<Rule, Vec<FieldError>> {
         let mut errors = Vec::new();
         let id = spec.id.clone().unwrap_or_default();
-        if !valid_id(&id) {
-            errors.push(FieldError::new(
-                "id",
-                format!(
-                    "`{id}` is not a valid id: use 1 to 64 of a-z, 0-9, `_` and `-`, starting with a letter or digit"
-                ),
-            ));
-        }
+        check_id(&id, &mut errors);
         let method = match spec.method.as_deref() {
             Some("GET") => Some(reqwest::Method::GET),
             Some("POST") => Some(reqwest::Method::POST),
@@ -507,14 +523,7 @@ impl Rule {
     /// The rule as reads show it: the normalized spec, secrets masked, and the
     /// read-only fields.
     pub fn to_json(&self) -> Value {
-        let mut v = serde_json::to_value(&self.spec).unwrap_or_default();
-        if let Value::Object(map) = &mut v {
-            map.insert("source".into(), self.source.clone().into());
-            map.insert("version".into(), self.version.into());
-            map.insert("created_at".into(), self.created_at.clone().into());
-            map.insert("updated_at".into(), self.updated_at.clone().into());
-        }
-        v
+        with_meta(&self.spec, &self.source, self.version, &self.created_at, &self.updated_at)
     }
 
     /// Every parameter the rule uses, for the engine to check up front.

@@ -620,6 +620,25 @@ pub struct Listing<T> {
 ///
 /// Serializes as `{"ok": true, "entries": N}` or
 /// `{"ok": false, "seq": S, "entries_checked": N, "reason": "..."}`.
+impl<T> Listing<T> {
+    /// A page from a query that fetched one row more than `limit`: the extra row only
+    /// says that another page follows, whose cursor `cursor` makes from the last item kept.
+    pub fn from_overfetch(mut items: Vec<T>, limit: usize, cursor: impl Fn(&T) -> String) -> Listing<T> {
+        let next_cursor = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(cursor)
+        } else {
+            None
+        };
+        Listing { items, next_cursor }
+    }
+
+    /// The same page with each item turned into another type.
+    pub fn map<U>(self, f: impl FnMut(T) -> U) -> Listing<U> {
+        Listing { items: self.items.into_iter().map(f).collect(), next_cursor: self.next_cursor }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VerifyResult {
     /// Every entry's hash and link hold.

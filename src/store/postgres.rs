@@ -1055,13 +1055,7 @@ impl Store for PgStore {
             let seq: i64 = get(row, 0)?;
             items.push(audit_from_row(row)?.map_err(|why| StoreError::Corrupt(format!("audit entry {seq}: {why}")))?);
         }
-        let next_cursor = if items.len() > limit {
-            items.truncate(limit);
-            items.last().map(|e| encode_audit_cursor(e.seq))
-        } else {
-            None
-        };
-        Ok(Listing { items, next_cursor })
+        Ok(Listing::from_overfetch(items, limit, |e| encode_audit_cursor(e.seq)))
     }
 
     async fn verify_audit(&self) -> Result<VerifyResult, StoreError> {
@@ -1216,14 +1210,9 @@ impl Store for PgStore {
             tx.commit().await.map_err(pg_err)?;
             Ok(rows)
         })?;
-        let mut items = rows.iter().map(activity_from_row).collect::<Result<Vec<_>, _>>()?;
-        let next_cursor = if items.len() > limit {
-            items.truncate(limit);
-            items.last().map(|(id, time_us, _)| encode_activity_cursor(*time_us, *id))
-        } else {
-            None
-        };
-        Ok(Listing { items: items.into_iter().map(|(_, _, e)| e).collect(), next_cursor })
+        let items = rows.iter().map(activity_from_row).collect::<Result<Vec<_>, _>>()?;
+        Ok(Listing::from_overfetch(items, limit, |(id, time_us, _)| encode_activity_cursor(*time_us, *id))
+            .map(|(_, _, e)| e))
     }
 
     async fn prune_activity(&self, older_than: OffsetDateTime) -> Result<u64, StoreError> {
@@ -1391,14 +1380,8 @@ impl Store for PgStore {
             tx.commit().await.map_err(pg_err)?;
             Ok(rows)
         })?;
-        let mut items = rows.iter().map(delivery_from_row).collect::<Result<Vec<_>, _>>()?;
-        let next_cursor = if items.len() > limit {
-            items.truncate(limit);
-            items.last().map(|d| encode_delivery_cursor(d.id))
-        } else {
-            None
-        };
-        Ok(Listing { items, next_cursor })
+        let items = rows.iter().map(delivery_from_row).collect::<Result<Vec<_>, _>>()?;
+        Ok(Listing::from_overfetch(items, limit, |d| encode_delivery_cursor(d.id)))
     }
 
     async fn get_delivery(&self, webhook_id: &str, event_id: &str) -> Result<Option<Delivery>, StoreError> {

@@ -913,13 +913,7 @@ impl Store for SqliteStore {
                 let seq = raw.seq;
                 items.push(raw.parse().map_err(|why| StoreError::Corrupt(format!("audit entry {seq}: {why}")))?);
             }
-            let next_cursor = if items.len() > limit {
-                items.truncate(limit);
-                items.last().map(|e| encode_audit_cursor(e.seq))
-            } else {
-                None
-            };
-            Ok(Listing { items, next_cursor })
+            Ok(Listing::from_overfetch(items, limit, |e| encode_audit_cursor(e.seq)))
         })
         .await
     }
@@ -1015,13 +1009,7 @@ impl Store for SqliteStore {
                 entry.rules = parse_json(&rules, || format!("rules of activity entry `{}`", entry.decision_id))?;
                 items.push(ActivityRow { id, time_us, entry });
             }
-            let next_cursor = if items.len() > limit {
-                items.truncate(limit);
-                items.last().map(|r| encode_activity_cursor(r.time_us, r.id))
-            } else {
-                None
-            };
-            Ok(Listing { items: items.into_iter().map(|r| r.entry).collect(), next_cursor })
+            Ok(Listing::from_overfetch(items, limit, |r| encode_activity_cursor(r.time_us, r.id)).map(|r| r.entry))
         })
         .await
     }
@@ -1160,14 +1148,8 @@ impl Store for SqliteStore {
              ORDER BY id DESC LIMIT ?3"
         );
         let rows = self.read(move |conn| query_deliveries(conn, &sql, params![webhook_id, before, fetch])).await?;
-        let mut items = rows.into_iter().map(RawDelivery::into_delivery).collect::<Result<Vec<_>, _>>()?;
-        let next_cursor = if items.len() > limit {
-            items.truncate(limit);
-            items.last().map(|d| encode_delivery_cursor(d.id))
-        } else {
-            None
-        };
-        Ok(Listing { items, next_cursor })
+        let items = rows.into_iter().map(RawDelivery::into_delivery).collect::<Result<Vec<_>, _>>()?;
+        Ok(Listing::from_overfetch(items, limit, |d| encode_delivery_cursor(d.id)))
     }
 
     async fn get_delivery(&self, webhook_id: &str, event_id: &str) -> Result<Option<Delivery>, StoreError> {

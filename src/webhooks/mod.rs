@@ -28,7 +28,7 @@ use serde_json::Value;
 
 use crate::engine::breaker::Transition;
 use crate::engine::{Outcome, RuleResult};
-use crate::rule::{compile_auth, valid_id, Auth, AuthSpec, FieldError, KeyValue, MAX_TIMEOUT_MS};
+use crate::rule::{check_id, compile_auth, with_meta, Auth, AuthSpec, FieldError, KeyValue, MAX_TIMEOUT_MS};
 use crate::secret::Secret;
 use crate::store::{now_string, ActivityRecord, AuditEntry, OutboxEvent};
 
@@ -190,14 +190,7 @@ impl Webhook {
     pub fn compile(mut spec: WebhookSpec, source: &str, version: i64) -> Result<Webhook, Vec<FieldError>> {
         let mut errors = Vec::new();
         let id = spec.id.clone().unwrap_or_default();
-        if !valid_id(&id) {
-            errors.push(FieldError::new(
-                "id",
-                format!(
-                    "`{id}` is not a valid id: use 1 to 64 of a-z, 0-9, `_` and `-`, starting with a letter or digit"
-                ),
-            ));
-        }
+        check_id(&id, &mut errors);
         let method = match spec.method.as_deref() {
             None | Some("POST") => reqwest::Method::POST,
             Some("PUT") => reqwest::Method::PUT,
@@ -324,14 +317,7 @@ impl Webhook {
 
     /// The webhook as GET shows it (secrets masked).
     pub fn to_json(&self) -> Value {
-        let mut v = serde_json::to_value(&self.spec).unwrap_or_default();
-        if let Value::Object(map) = &mut v {
-            map.insert("source".into(), self.source.clone().into());
-            map.insert("version".into(), self.version.into());
-            map.insert("created_at".into(), self.created_at.clone().into());
-            map.insert("updated_at".into(), self.updated_at.clone().into());
-        }
-        v
+        with_meta(&self.spec, &self.source, self.version, &self.created_at, &self.updated_at)
     }
 
     /// Whether this webhook wants events of `kind` for `application` (`None`: events
