@@ -28,3 +28,4 @@ mod shipped;
 mod system;
 mod tokens;
 mod tools;
+mod webhooks;
