@@ -882,7 +882,13 @@ pub trait Store: Send + Sync + 'static {
     /// Records an attempt's result (or a manual state change) and clears the claim. A
     /// delivery that no longer exists is not an error.
     async fn finish_delivery(&self, id: i64, update: &DeliveryUpdate) -> Result<(), StoreError> {
-        let _ = (id, update);
+        self.finish_deliveries(&[(id, update.clone())]).await
+    }
+    /// [`Store::finish_delivery`] for many deliveries in one write: the delivery loop
+    /// records its results in batches, so a busy webhook costs one commit per batch
+    /// rather than one per event.
+    async fn finish_deliveries(&self, done: &[(i64, DeliveryUpdate)]) -> Result<(), StoreError> {
+        let _ = done;
         Err(outbox_unsupported())
     }
     /// Clears every claim held by `owner`; returns how many. Called at start: a restarted

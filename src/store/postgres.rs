@@ -1316,24 +1316,32 @@ impl Store for PgStore {
         Ok(claimed.into_iter().map(|(_, d)| d).collect())
     }
 
-    async fn finish_delivery(&self, id: i64, update: &DeliveryUpdate) -> Result<(), StoreError> {
+    async fn finish_deliveries(&self, done: &[(i64, DeliveryUpdate)]) -> Result<(), StoreError> {
+        if done.is_empty() {
+            return Ok(());
+        }
         let now = OffsetDateTime::now_utc();
         let (now_us, now_text) = (unix_micros(now), format_time(now));
-        let state = update.state.as_str();
-        let attempts = i64::from(update.attempts);
-        let status = update.last_status.map(i64::from);
-        let error = update.last_error.as_deref().map(pg_text);
+        let ids: Vec<i64> = done.iter().map(|(id, _)| *id).collect();
+        let states: Vec<&str> = done.iter().map(|(_, u)| u.state.as_str()).collect();
+        let attempts: Vec<i64> = done.iter().map(|(_, u)| i64::from(u.attempts)).collect();
+        let statuses: Vec<Option<i64>> = done.iter().map(|(_, u)| u.last_status.map(i64::from)).collect();
+        let errors: Vec<Option<String>> = done.iter().map(|(_, u)| u.last_error.as_deref().map(pg_text)).collect();
+        let next: Vec<i64> = done.iter().map(|(_, u)| u.next_attempt_us).collect();
+        // One autocommit statement for the whole batch: one commit, one WAL flush.
         with_conn!(self, WRITE_DEADLINE, |client| {
             let stmt = client
                 .prepare_cached(
-                    "UPDATE webhook_deliveries SET state = $2, attempts = $3, last_status = $4, last_error = $5, \
-                     next_attempt_us = $6, claimed_by = NULL, claimed_until_us = 0, updated_at = $7, \
-                     updated_us = $8 WHERE id = $1",
+                    "UPDATE webhook_deliveries AS d SET state = u.state, attempts = u.attempts, \
+                     last_status = u.status, last_error = u.error, next_attempt_us = u.next, claimed_by = NULL, \
+                     claimed_until_us = 0, updated_at = $7, updated_us = $8 \
+                     FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::bigint[]) \
+                     AS u(id, state, attempts, status, error, next) WHERE d.id = u.id",
                 )
                 .await
                 .map_err(pg_err)?;
             client
-                .execute(&stmt, &[&id, &state, &attempts, &status, &error, &update.next_attempt_us, &now_text, &now_us])
+                .execute(&stmt, &[&ids, &states, &attempts, &statuses, &errors, &next, &now_text, &now_us])
                 .await
                 .map_err(pg_err)?;
             Ok(())

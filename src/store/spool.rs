@@ -257,8 +257,8 @@ impl Store for SpoolingStore {
         self.inner.claim_deliveries(owner, now_us, lease_us, limit).await
     }
 
-    async fn finish_delivery(&self, id: i64, update: &DeliveryUpdate) -> Result<(), StoreError> {
-        self.inner.finish_delivery(id, update).await
+    async fn finish_deliveries(&self, done: &[(i64, DeliveryUpdate)]) -> Result<(), StoreError> {
+        self.inner.finish_deliveries(done).await
     }
 
     async fn release_claims(&self, owner: &str) -> Result<u64, StoreError> {

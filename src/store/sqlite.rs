@@ -1091,29 +1091,38 @@ impl Store for SqliteStore {
         rows.into_iter().map(RawDelivery::into_delivery).collect()
     }
 
-    async fn finish_delivery(&self, id: i64, update: &DeliveryUpdate) -> Result<(), StoreError> {
-        let u = update.clone();
+    async fn finish_deliveries(&self, done: &[(i64, DeliveryUpdate)]) -> Result<(), StoreError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let done = done.to_vec();
         let now = OffsetDateTime::now_utc();
         self.write(move |conn| {
-            conn.prepare_cached(
-                "UPDATE webhook_deliveries SET state = ?2, attempts = ?3, last_status = ?4, last_error = ?5, \
-                 next_attempt_us = ?6, claimed_by = NULL, claimed_until_us = 0, updated_at = ?7, updated_us = ?8 \
-                 WHERE id = ?1",
-            )
-            .and_then(|mut stmt| {
-                stmt.execute(params![
-                    id,
-                    u.state.as_str(),
-                    i64::from(u.attempts),
-                    u.last_status.map(i64::from),
-                    u.last_error,
-                    u.next_attempt_us,
-                    format_time(now),
-                    unix_micros(now)
-                ])
-            })
-            .map(drop)
-            .map_err(db_err)
+            let tx = CachedTx::begin_immediate(conn)?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "UPDATE webhook_deliveries SET state = ?2, attempts = ?3, last_status = ?4, \
+                         last_error = ?5, next_attempt_us = ?6, claimed_by = NULL, claimed_until_us = 0, \
+                         updated_at = ?7, updated_us = ?8 WHERE id = ?1",
+                    )
+                    .map_err(db_err)?;
+                let (now_text, now_us) = (format_time(now), unix_micros(now));
+                for (id, u) in &done {
+                    stmt.execute(params![
+                        id,
+                        u.state.as_str(),
+                        i64::from(u.attempts),
+                        u.last_status.map(i64::from),
+                        u.last_error,
+                        u.next_attempt_us,
+                        now_text,
+                        now_us
+                    ])
+                    .map_err(db_err)?;
+                }
+            }
+            tx.commit()
         })
         .await
     }

@@ -8,6 +8,7 @@
 //! otherwise every `poll_ms`. A dead or slow receiver costs only its own slots and the
 //! rows waiting in the store: the outbox is never held in memory.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,10 @@ const LEASE_MARGIN: Duration = Duration::from_secs(30);
 /// How long an event for a webhook this replica does not know is kept pending (it may
 /// have been created on another replica a moment ago) before it fails.
 const UNKNOWN_GRACE: Duration = Duration::from_secs(30);
+/// Rows claimed at once, per call slot.
+const CLAIM_FACTOR: usize = 4;
+/// Most attempt results recorded in one store write.
+const MAX_RESULT_BATCH: usize = 512;
 
 /// The result of one call.
 #[derive(Debug, Clone)]
@@ -269,22 +274,35 @@ impl Deliverer {
             }
         }
         let poll = Duration::from_millis(self.settings.poll_ms);
+        let slots = self.settings.concurrency;
+        // Results go to one writer that records them in batches: one commit for all
+        // the calls that finished meanwhile, not one per event.
+        let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(self.clone().record_results(done_rx));
         let mut in_flight: JoinSet<()> = JoinSet::new();
+        // Claimed rows waiting for a slot: one claim serves several calls.
+        let mut backlog: VecDeque<Delivery> = VecDeque::new();
         let mut last_depth = Instant::now() - poll;
         loop {
-            let free = self.settings.concurrency.saturating_sub(in_flight.len());
-            let mut claimed = 0;
-            if free > 0 {
-                match self.claim(free).await {
+            let mut more_due = false;
+            if backlog.len() < slots {
+                let want = slots * CLAIM_FACTOR - backlog.len();
+                match self.claim(want).await {
                     Ok(deliveries) => {
-                        claimed = deliveries.len();
-                        for d in deliveries {
-                            let me = self.clone();
-                            in_flight.spawn(async move { me.attempt(d).await });
-                        }
+                        more_due = deliveries.len() == want;
+                        backlog.extend(deliveries);
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot read the webhook outbox; retrying"),
                 }
+            }
+            while in_flight.len() < slots {
+                let Some(d) = backlog.pop_front() else { break };
+                let (me, done) = (self.clone(), done_tx.clone());
+                in_flight.spawn(async move {
+                    let update = me.attempt(&d).await;
+                    // The receiver lives as long as the loop.
+                    let _ = done.send((d.id, update));
+                });
             }
             if last_depth.elapsed() >= poll {
                 last_depth = Instant::now();
@@ -292,9 +310,12 @@ impl Deliverer {
                     self.metrics.depth.set(i64::try_from(depth).unwrap_or(i64::MAX));
                 }
             }
-            if claimed > 0 && claimed == free {
-                // Possibly more due: claim again as soon as a slot frees up.
+            if !backlog.is_empty() {
+                // Every slot is busy: go on when one frees up.
                 in_flight.join_next().await;
+                continue;
+            }
+            if more_due {
                 continue;
             }
             tokio::select! {
@@ -305,21 +326,41 @@ impl Deliverer {
         }
     }
 
+    /// Writes attempt results as they come, each batch in one store write. A batch that
+    /// cannot be written leaves its rows claimed: their leases expire and they are sent
+    /// again (at least once).
+    async fn record_results(self: Arc<Self>, mut done: tokio::sync::mpsc::UnboundedReceiver<(i64, DeliveryUpdate)>) {
+        let mut batch = Vec::new();
+        while let Some(first) = done.recv().await {
+            batch.push(first);
+            while batch.len() < MAX_RESULT_BATCH {
+                match done.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = self.store.finish_deliveries(&batch).await {
+                tracing::warn!(error = %e, deliveries = batch.len(), "could not record webhook delivery results; they will be sent again when their leases expire");
+            }
+            batch.clear();
+        }
+    }
+
     async fn claim(&self, limit: usize) -> Result<Vec<Delivery>, StoreError> {
         let now = unix_micros(time::OffsetDateTime::now_utc());
         let lease = Duration::from_millis(crate::rule::MAX_TIMEOUT_MS) + LEASE_MARGIN;
         self.store.claim_deliveries(&self.owner, now, i64::try_from(lease.as_micros()).unwrap_or(i64::MAX), limit).await
     }
 
-    /// One attempt of a claimed delivery, and its result written back.
-    async fn attempt(&self, d: Delivery) {
+    /// One attempt of a claimed delivery; what to record for it.
+    async fn attempt(&self, d: &Delivery) -> DeliveryUpdate {
         let now = time::OffsetDateTime::now_utc();
         let set = self.webhooks.current();
-        let update = match set.hooks.get(&d.webhook_id) {
+        match set.hooks.get(&d.webhook_id) {
             None => {
                 let age = parse_time(&d.created_at).map(|c| (now - c).unsigned_abs()).unwrap_or(Duration::MAX);
                 if age < UNKNOWN_GRACE {
-                    later(&d, now, Duration::from_secs(2), "webhook not known to this replica yet")
+                    later(d, now, Duration::from_secs(2), "webhook not known to this replica yet")
                 } else {
                     DeliveryUpdate {
                         state: DeliveryState::Failed,
@@ -331,7 +372,7 @@ impl Deliverer {
                 }
             }
             Some(hook) if !hook.enabled => {
-                later(&d, now, Duration::from_secs(60), "webhook disabled; held until enabled")
+                later(d, now, Duration::from_secs(60), "webhook disabled; held until enabled")
             }
             Some(hook) => {
                 let attempt = self.send(hook, &d.event_id, &d.event_type, &d.payload).await;
@@ -368,10 +409,6 @@ impl Deliverer {
                     next_attempt_us: unix_micros(time::OffsetDateTime::now_utc() + delay),
                 }
             }
-        };
-        if let Err(e) = self.store.finish_delivery(d.id, &update).await {
-            // The claim expires with its lease and the delivery is attempted again.
-            tracing::warn!(error = %e, event_id = %d.event_id, "could not record a webhook delivery result");
         }
     }
 }

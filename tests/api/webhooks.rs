@@ -1905,7 +1905,7 @@ async fn a_hanging_receiver_does_not_hold_up_decisions() {
     wait_for("an empty outbox once everything is delivered", 60, || async {
         let metrics = metrics_text(&app.address).await;
         match sample(&metrics, "verdict_webhook_outbox_depth", &[]) {
-            Some(depth) if depth == 0.0 => Ok(()),
+            Some(0.0) => Ok(()),
             other => Err(format!("verdict_webhook_outbox_depth {other:?}")),
         }
     })
