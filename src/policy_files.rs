@@ -78,7 +78,7 @@ pub fn load_file(path: &Path) -> Result<LoadedFile, Vec<FileProblem>> {
     for (i, raw) in body.rules.into_iter().enumerate() {
         let field = format!("rules[{i}]");
         match serde_path_to_error::deserialize::<_, RuleSpec>(raw) {
-            Ok(spec) => match Rule::compile(spec, &source, 1) {
+            Ok(mut spec) => match resolve_env_secrets(&mut spec).and_then(|()| Rule::compile(spec, &source, 1)) {
                 Ok(mut rule) => {
                     rule.created_at.clone_from(&modified);
                     rule.updated_at.clone_from(&modified);
@@ -114,6 +114,37 @@ pub fn load_file(path: &Path) -> Result<LoadedFile, Vec<FileProblem>> {
         return Err(problems);
     }
     Ok(LoadedFile { name, source, sha256: hex::encode(Sha256::digest(&bytes)), rules, policies })
+}
+
+/// The prefix of a secret that names an environment variable instead of holding the
+/// value: `"password": "$env:POSTURE_PASSWORD"` keeps the secret out of the file.
+pub const ENV_SECRET_PREFIX: &str = "$env:";
+
+/// Replaces each `$env:NAME` secret of a rule's auth with the variable's value. A
+/// variable that is unset or empty is a problem naming the field and the variable
+/// (never a value).
+fn resolve_env_secrets(spec: &mut RuleSpec) -> Result<(), Vec<crate::rule::FieldError>> {
+    let Some(auth) = spec.auth.as_mut() else { return Ok(()) };
+    let mut errors = Vec::new();
+    for path in ["auth.password", "auth.value", "auth.client_secret"] {
+        let Some(slot) = auth.secret_mut(path) else { continue };
+        let Some(var) = slot.as_ref().and_then(|s| s.expose().strip_prefix(ENV_SECRET_PREFIX)).map(str::to_owned)
+        else {
+            continue;
+        };
+        match std::env::var(&var) {
+            Ok(value) if !value.is_empty() => *slot = Some(crate::secret::Secret::new(value)),
+            _ => errors.push(crate::rule::FieldError::new(
+                path,
+                format!("environment variable `{var}` (named by `{ENV_SECRET_PREFIX}{var}`) is not set or empty"),
+            )),
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
 }
 
 fn duplicates<'a>(ids: impl Iterator<Item = &'a str>, what: &str, file: &str, problems: &mut Vec<FileProblem>) {

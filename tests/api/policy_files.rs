@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use base64::Engine as _;
 use serde_json::{json, Value};
 use verdict::startup::{Application, StartError};
 use wiremock::matchers::{method, path};
@@ -302,4 +303,71 @@ fn validate_accepts_the_shipped_policies() {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
     let (ok, text) = validate(&[&shipped]);
     assert!(ok, "the shipped policies/ do not validate:\n{text}");
+}
+
+/// A rule in a policy file whose Basic password is `$env:NAME`.
+fn env_secret_file(api: &str, var: &str) -> Value {
+    json!({
+        "rules": [{"id": "env-secret", "method": "GET", "url": format!("{api}/status"),
+                   "auth": {"type": "basic", "username": "svc", "password": format!("$env:{var}")},
+                   "response_actions": [{"type": "equals", "key": "status", "value": "ok"}]}],
+        "policies": [{"id": "env-secret-policy", "applications": ["env-app"], "rules": ["env-secret"]}]
+    })
+}
+
+#[tokio::test]
+async fn a_policy_file_secret_can_come_from_the_environment_and_stays_out_of_the_file_and_reads() {
+    let api = MockServer::start().await;
+    let password = "pw-from-env-7f3a9c";
+    let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("svc:{password}")));
+    Mock::given(method("GET"))
+        .and(path("/status"))
+        .and(wiremock::matchers::header("authorization", basic.as_str()))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"status": "ok"})))
+        .mount(&api)
+        .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let var = "VERDICT_TEST_POSTURE_PASSWORD";
+    let file = write_policy_file(dir.path(), "env.json", &env_secret_file(&api.uri(), var));
+    assert!(!std::fs::read_to_string(&file).expect("file").contains(password));
+
+    // The real binary with the variable set: the API gets the password from it.
+    let mut bin = Binary::start(BinaryOptions {
+        dir: dir.path(),
+        env: vec![
+            ("VERDICT_ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
+            ("VERDICT_PROXY_TOKEN", PROXY_TOKEN.to_string()),
+            (var, password.to_string()),
+        ],
+        run_name: "env-secret",
+    })
+    .await;
+    let (status, answer) = bin.decide(PROXY_TOKEN, &json!({"application": "env-app", "username": "u"})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["decision"], "allow", "the API saw the password from the environment: {answer}");
+    let rule: Value = bin
+        .client
+        .get(format!("{}/v1/rules/env-secret", bin.address))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("get rule")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(rule["auth"]["password"], "********", "{rule}");
+    bin.stop().await;
+    assert!(!bin.stdout_text().contains(password) && !bin.stderr_text().contains(password));
+
+    // Without the variable the file does not load, and the problem names the field and
+    // the variable — not a value.
+    let out = Command::new(env!("CARGO_BIN_EXE_verdict"))
+        .arg("validate")
+        .arg(&file)
+        .env_remove(var)
+        .output()
+        .expect("run validate");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "validate must fail without the variable:\n{text}");
+    assert!(text.contains("rules[0].auth.password") && text.contains(var), "{text}");
 }
