@@ -9,10 +9,12 @@ pub mod breaker;
 pub mod cache;
 mod verify;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
 
@@ -190,8 +192,9 @@ impl Engine {
                 latency_ms: ms(started.elapsed()),
             };
         }
+        let shared = self.shared_evaluations(&catalog, &policies, ctx);
         let mut pending: FuturesUnordered<_> =
-            policies.iter().map(|p| self.evaluate_policy(&catalog, p, ctx)).collect();
+            policies.iter().map(|p| self.evaluate_policy(&catalog, p, ctx, &shared)).collect();
         let mut done: Vec<PolicyEvaluation> = Vec::with_capacity(policies.len());
         while let Some(result) = pending.next().await {
             let allowed = result.effect == Effect::Allow;
@@ -225,14 +228,58 @@ impl Engine {
         Decision { decision_id, decision, reason, policies: policies_out, rules, latency_ms: ms(started.elapsed()) }
     }
 
+    /// One evaluation for each enabled rule that several matching policies list, to be
+    /// awaited by each of them: a rule is called once per decision. Empty (and free) in
+    /// the common case of one policy or no shared rule. The evaluation runs while any
+    /// policy still waits for it and is dropped (cancelled) when none does.
+    fn shared_evaluations<'a>(
+        &'a self,
+        catalog: &'a Catalog,
+        policies: &[Arc<Policy>],
+        ctx: &'a RequestContext,
+    ) -> SharedEvaluations<'a> {
+        let mut shared = SharedEvaluations::new();
+        if policies.len() < 2 {
+            return shared;
+        }
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for p in policies {
+            for id in &p.rules {
+                *seen.entry(id.as_str()).or_default() += 1;
+            }
+        }
+        for (id, uses) in seen {
+            if uses < 2 {
+                continue;
+            }
+            if let Some(rule) = catalog.rules.get(id).filter(|r| r.enabled) {
+                let eval: BoxFuture<'a, Evaluation> = Box::pin(self.evaluate(rule, ctx, CallMode::Decision));
+                shared.insert(rule.id.clone(), eval.shared());
+            }
+        }
+        shared
+    }
+
     /// Evaluates a policy's enabled rules concurrently; the first deny ends it and
     /// drops (cancels) the calls still outstanding.
-    async fn evaluate_policy(&self, catalog: &Catalog, policy: &Arc<Policy>, ctx: &RequestContext) -> PolicyEvaluation {
+    async fn evaluate_policy(
+        &self,
+        catalog: &Catalog,
+        policy: &Arc<Policy>,
+        ctx: &RequestContext,
+        shared: &SharedEvaluations<'_>,
+    ) -> PolicyEvaluation {
         let rules: Vec<&Arc<Rule>> =
             policy.rules.iter().filter_map(|id| catalog.rules.get(id)).filter(|r| r.enabled).collect();
         let mut pending: FuturesUnordered<_> = rules
             .iter()
-            .map(|rule| async move { (*rule, self.evaluate(rule, ctx, CallMode::Decision).await) })
+            .map(|rule| async move {
+                let eval = match shared.get(&rule.id) {
+                    Some(once) => once.clone().await,
+                    None => self.evaluate(rule, ctx, CallMode::Decision).await,
+                };
+                (*rule, eval)
+            })
             .collect();
         let mut results = Vec::with_capacity(rules.len());
         while let Some((rule, eval)) = pending.next().await {
@@ -420,6 +467,9 @@ struct PolicyEvaluation {
     reason: String,
     rules: Vec<RuleResult>,
 }
+
+/// Rule id → the one evaluation of that rule in this decision.
+type SharedEvaluations<'a> = HashMap<String, Shared<BoxFuture<'a, Evaluation>>>;
 
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0 * 100.0).round() / 100.0

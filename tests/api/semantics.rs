@@ -272,3 +272,40 @@ async fn the_answer_has_the_documented_shape() {
     let second = app.decision(json!({"application": "app"})).await;
     assert_ne!(second["decision_id"], answer["decision_id"]);
 }
+
+#[tokio::test]
+async fn a_rule_listed_by_several_matching_policies_is_called_once_per_decision() {
+    let api = MockServer::start().await;
+    Mock::given(path("/shared"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"status": "no"})).set_delay(Duration::from_millis(100)),
+        )
+        .mount(&api)
+        .await;
+    Mock::given(path("/deny"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"status": "no"})))
+        .mount(&api)
+        .await;
+    let app = spawn_app(
+        json!([rule("shared", format!("{}/shared", api.uri())), rule("other", format!("{}/deny", api.uri()))]),
+        json!([
+            {"id": "p1", "applications": ["app"], "rules": ["shared"]},
+            {"id": "p2", "applications": ["app"], "rules": ["shared", "other"]},
+            {"id": "p3", "applications": ["*"], "rules": ["shared"]}
+        ]),
+    )
+    .await;
+    for round in 1..=3 {
+        let answer = app.decision(json!({"application": "app", "username": format!("u{round}")})).await;
+        assert_eq!(answer["decision"], "deny", "{answer}");
+        let calls = api.received_requests().await.unwrap().iter().filter(|r| r.url.path() == "/shared").count();
+        assert_eq!(calls, round, "the shared rule is called once per decision, not once per policy");
+        // Each policy that waited for it reports its result.
+        let shared_results = answer["rules"].as_array().unwrap().iter().filter(|r| r["rule_id"] == "shared").count();
+        assert!(shared_results >= 2, "p1 and p3 both report the shared rule: {answer}");
+        assert!(
+            answer["reason"].as_str().unwrap().contains("policy p1: rule shared denied"),
+            "the reason still names each policy: {answer}"
+        );
+    }
+}
