@@ -19,8 +19,11 @@
 //!   as what caused them ([`ActivityEntry::outbox`] with its entry, the [`AuditHook`]'s
 //!   events with `commit`), delivered later by a worker that claims due rows with a lease
 //!   ([`Store::claim_deliveries`]). The behaviour every store must have is written once,
-//!   in `outbox_conformance`, and run against each.
+//!   in `outbox_conformance` (the outbox) and `conformance` (the rest), and run against
+//!   each.
 
+#[cfg(test)]
+pub(crate) mod conformance;
 pub mod postgres;
 pub mod spool;
 pub mod sqlite;
@@ -1015,6 +1018,7 @@ pub(crate) mod outbox_conformance {
 
     use serde_json::json;
 
+    use super::conformance::all_pages;
     use super::*;
 
     /// A lease long enough that no claim in these tests runs out by itself.
@@ -1073,17 +1077,8 @@ pub(crate) mod outbox_conformance {
 
     /// Every event id of a webhook's deliveries, page by page.
     async fn listed(store: &dyn Store, webhook_id: &str, limit: usize) -> Vec<String> {
-        let mut ids = Vec::new();
-        let mut page = Page { limit, cursor: None };
-        loop {
-            let listing = store.list_deliveries(webhook_id, &page).await.unwrap();
-            assert!(listing.items.len() <= limit);
-            ids.extend(listing.items.into_iter().map(|d| d.event_id));
-            match listing.next_cursor {
-                Some(c) => page.cursor = Some(c),
-                None => return ids,
-            }
-        }
+        let list = async |page: &Page| store.list_deliveries(webhook_id, page).await.unwrap();
+        all_pages(limit, list).await.into_iter().map(|d| d.event_id).collect()
     }
 
     async fn delivery(store: &dyn Store, webhook_id: &str, event_id: &str) -> Delivery {

@@ -1575,14 +1575,11 @@ mod tests {
     //! database, so they run in parallel.
 
     use super::*;
-    use serde_json::json;
+    use crate::store::conformance::{self, activity, all_activity_ids, draft, rule, PASSWORD, SECRET};
     use std::net::SocketAddr;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
     use tokio::sync::watch;
-
-    const SECRET: &str = "PLAINTEXT-client-secret-4f1e9";
-    const PASSWORD: &str = "PLAINTEXT-basic-password-77ab";
 
     fn server_url() -> String {
         std::env::var("VERDICT_TEST_DATABASE_URL")
@@ -1643,32 +1640,6 @@ mod tests {
         Arc::new(SecretBox::from_key([7u8; 32]))
     }
 
-    fn rule(id: &str, secrets: &[(&str, &str)]) -> StoredObject {
-        StoredObject {
-            kind: ObjectKind::Rule,
-            id: id.into(),
-            source: "api".into(),
-            version: 1,
-            // Deliberately not in key order: json (not jsonb) keeps it.
-            doc: json!({"id": id, "method": "GET", "url": "https://x.test/",
-                        "auth": {"type": "oauth2_client_credentials", "client_secret": "********"}}),
-            secrets: secrets.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            created_at: "2025-01-01T00:00:00.000000Z".into(),
-            updated_at: "2025-01-01T00:00:00.000000Z".into(),
-        }
-    }
-
-    fn draft(actor: &str, action: AuditAction, object_type: &str, id: &str) -> AuditDraft {
-        AuditDraft {
-            actor: actor.into(),
-            action,
-            object_type: object_type.into(),
-            object_id: id.into(),
-            before: None,
-            after: Some(json!({"id": id, "auth": {"client_secret": "********"}})),
-        }
-    }
-
     /// Every row of every table of the database, as text.
     async fn dump_all_tables(raw: &tokio_postgres::Client) -> String {
         let tables = raw
@@ -1690,62 +1661,33 @@ mod tests {
     #[tokio::test]
     async fn objects_round_trip_with_secrets_encrypted_at_rest() {
         let db = TestDb::new().await;
+        let raw = db.raw().await;
+        conformance::objects_round_trip_with_secrets_encrypted_at_rest(
+            async || db.store("a").await,
+            async |_open: bool| {
+                let dump = dump_all_tables(&raw).await;
+                assert!(dump.contains("r1") && dump.contains("siem"), "the dump reads the rows");
+                for needle in [SECRET, PASSWORD] {
+                    assert!(!dump.contains(needle), "`{needle}` in a raw row");
+                }
+            },
+        )
+        .await;
+        // One object, by kind and id.
         let store = db.store("a").await;
-        let r1 = rule("r1", &[("auth.client_secret", SECRET)]);
-        let r2 = rule("r2", &[]);
         let mut hook = rule("siem", &[("auth.password", PASSWORD)]);
         hook.kind = ObjectKind::Webhook;
-        let entries = store
-            .commit(
-                vec![Change::Put(r1.clone()), Change::Put(r2.clone()), Change::Put(hook.clone())],
-                vec![draft("admin", AuditAction::Create, "rule", "r1")],
-            )
-            .await
-            .unwrap();
-        assert_eq!(entries.len(), 1);
-
-        let all = store.load_all().await.unwrap();
-        assert_eq!(all, vec![r1.clone(), r2.clone(), hook.clone()]);
-        assert_eq!(all[0].secrets["auth.client_secret"], SECRET);
-        let keys: Vec<&String> = all[0].doc.as_object().unwrap().keys().collect();
-        assert_eq!(keys, ["id", "method", "url", "auth"], "key order preserved");
-        assert_eq!(store.load_object(ObjectKind::Webhook, "siem").await.unwrap(), Some(hook.clone()));
+        assert_eq!(store.load_object(ObjectKind::Webhook, "siem").await.unwrap(), Some(hook));
         assert_eq!(store.load_object(ObjectKind::Policy, "siem").await.unwrap(), None);
+    }
 
-        let raw = db.raw().await;
-        let dump = dump_all_tables(&raw).await;
-        assert!(dump.contains("r1") && dump.contains("siem"), "the dump reads the rows");
-        for needle in [SECRET, PASSWORD] {
-            assert!(!dump.contains(needle), "`{needle}` in a raw row");
-        }
-
-        let mut r1b = r1.clone();
-        r1b.version = 2;
-        r1b.secrets.insert("auth.client_secret".into(), format!("{SECRET}-v2"));
-        store
-            .commit(
-                vec![
-                    Change::Put(r1b.clone()),
-                    Change::Delete { kind: ObjectKind::Rule, id: "r2".into() },
-                    Change::Delete { kind: ObjectKind::Policy, id: "nothing".into() },
-                ],
-                vec![],
-            )
-            .await
-            .unwrap();
-        drop(store);
-        assert!(!dump_all_tables(&raw).await.contains(SECRET));
-
-        // A second connect migrates nothing and reads the same.
-        let store = db.store("a").await;
-        assert_eq!(store.load_all().await.unwrap(), vec![r1b, hook]);
-        store.ping().await.unwrap();
-
-        // The wrong key is an error naming the object, not the secret.
-        let other = PgStore::connect(&db.url, Arc::new(SecretBox::from_key([42u8; 32])), "b").await.unwrap();
-        let err = other.load_all().await.unwrap_err();
-        assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
-        assert!(err.to_string().contains("r1") && !err.to_string().contains(SECRET), "{err}");
+    #[tokio::test]
+    async fn wrong_key_is_an_error_not_a_panic() {
+        let db = TestDb::new().await;
+        conformance::wrong_key_is_an_error_not_a_panic(db.store("a").await, async |key| {
+            PgStore::connect(&db.url, key, "b").await.unwrap()
+        })
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1769,188 +1711,34 @@ mod tests {
         assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
     }
 
-    async fn seed_audit(store: &PgStore) -> Vec<AuditEntry> {
-        let batches = vec![
-            vec![draft("alice", AuditAction::Create, "rule", "r1")],
-            vec![
-                draft("alice", AuditAction::Create, "rule", "r2"),
-                draft("alice", AuditAction::Create, "policy", "p1"),
-            ],
-            vec![draft("bob", AuditAction::Update, "rule", "r1")],
-            vec![draft("file:a.json", AuditAction::Load, "file", "policies/a.json")],
-            vec![draft("bob", AuditAction::Delete, "rule", "r2")],
-        ];
-        let mut all = Vec::new();
-        for batch in batches {
-            all.extend(store.commit(vec![], batch).await.unwrap());
-            tokio::time::sleep(Duration::from_millis(3)).await;
-        }
-        all
-    }
-
     #[tokio::test]
     async fn audit_chain_verifies_and_tampering_is_located() {
         let db = TestDb::new().await;
-        let store = db.store("a").await;
-        assert_eq!(store.verify_audit().await.unwrap(), VerifyResult::Ok { entries: 0 });
-        let entries = seed_audit(&store).await;
-        assert_eq!(entries.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6]);
-        assert_eq!(entries[0].prev_hash, GENESIS_HASH);
-        assert_eq!(entries[2].prev_hash, entries[1].hash);
-        assert_eq!(entries[1].time, entries[2].time, "one commit, one time");
-        assert_eq!(store.verify_audit().await.unwrap(), VerifyResult::Ok { entries: 6 });
-
         let raw = db.raw().await;
-        raw.execute("UPDATE audit SET actor = 'mallory' WHERE seq = 4", &[]).await.unwrap();
-        assert_eq!(
-            store.verify_audit().await.unwrap(),
-            VerifyResult::Broken {
-                seq: 4,
-                entries_checked: 3,
-                reason: "hash does not match the entry's content".into()
-            }
-        );
-        raw.execute("UPDATE audit SET actor = 'bob' WHERE seq = 4", &[]).await.unwrap();
-        assert_eq!(store.verify_audit().await.unwrap(), VerifyResult::Ok { entries: 6 });
-
-        // Same JSON with keys reordered still verifies (canonical JSON) ...
-        raw.execute(
-            "UPDATE audit SET after_json = '{\"auth\":{\"client_secret\":\"********\"},\"id\":\"r2\"}' WHERE seq = 2",
-            &[],
-        )
-        .await
-        .unwrap();
-        assert_eq!(store.verify_audit().await.unwrap(), VerifyResult::Ok { entries: 6 });
-        // ... a changed value does not.
-        raw.execute("UPDATE audit SET after_json = '{\"id\":\"evil\"}' WHERE seq = 2", &[]).await.unwrap();
-        assert!(matches!(store.verify_audit().await.unwrap(), VerifyResult::Broken { seq: 2, entries_checked: 1, .. }));
-        raw.execute(
-            "UPDATE audit SET after_json = '{\"id\":\"r2\",\"auth\":{\"client_secret\":\"********\"}}' WHERE seq = 2",
-            &[],
-        )
-        .await
-        .unwrap();
-        assert_eq!(store.verify_audit().await.unwrap(), VerifyResult::Ok { entries: 6 });
-
-        // Unknown actions and deleted rows are breaks too, not errors.
-        raw.execute("UPDATE audit SET action = 'obliterate' WHERE seq = 5", &[]).await.unwrap();
-        assert!(matches!(store.verify_audit().await.unwrap(), VerifyResult::Broken { seq: 5, .. }));
-        assert!(matches!(
-            store.list_audit(&AuditFilter::default(), &Page::default()).await,
-            Err(StoreError::Corrupt(_))
-        ));
-        raw.execute("DELETE FROM audit WHERE seq = 5", &[]).await.unwrap();
-        assert!(matches!(store.verify_audit().await.unwrap(), VerifyResult::Broken { seq: 6, entries_checked: 4, .. }));
+        conformance::audit_chain_verifies_and_tampering_is_located(&db.store("a").await, async |sql: &str| {
+            raw.batch_execute(sql).await.unwrap();
+        })
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_replicas_commit_concurrently_into_one_gap_free_chain() {
         let db = TestDb::new().await;
-        let a = Arc::new(db.store("a").await);
-        let b = Arc::new(db.store("b").await);
-        let mut tasks = Vec::new();
-        for i in 0..20 {
-            let store = Arc::clone(if i % 2 == 0 { &a } else { &b });
-            tasks.push(tokio::spawn(async move {
-                store
-                    .commit(
-                        vec![Change::Put(rule(&format!("r{i}"), &[]))],
-                        vec![
-                            draft("a", AuditAction::Create, "rule", &format!("r{i}")),
-                            draft("a", AuditAction::Update, "rule", &format!("r{i}")),
-                        ],
-                    )
-                    .await
-                    .unwrap()
-            }));
-        }
-        let mut seqs = Vec::new();
-        for t in tasks {
-            let entries = t.await.unwrap();
-            assert_eq!(entries[1].seq, entries[0].seq + 1, "one commit's entries are adjacent");
-            seqs.extend(entries.into_iter().map(|e| e.seq));
-        }
-        seqs.sort();
-        assert_eq!(seqs, (1..=40).collect::<Vec<_>>());
-        assert_eq!(a.verify_audit().await.unwrap(), VerifyResult::Ok { entries: 40 });
-        assert_eq!(b.verify_audit().await.unwrap(), VerifyResult::Ok { entries: 40 });
-        assert_eq!(b.load_all().await.unwrap().len(), 20);
-    }
-
-    async fn all_audit_seqs(store: &PgStore, filter: &AuditFilter, limit: usize) -> Vec<i64> {
-        let mut seqs = Vec::new();
-        let mut page = Page { limit, cursor: None };
-        loop {
-            let listing = store.list_audit(filter, &page).await.unwrap();
-            assert!(listing.items.len() <= limit);
-            seqs.extend(listing.items.iter().map(|e| e.seq));
-            match listing.next_cursor {
-                Some(c) => page.cursor = Some(c),
-                None => return seqs,
-            }
-        }
+        let (a, b) = (db.store("a").await, db.store("b").await);
+        conformance::concurrent_commits_keep_seq_gap_free(Arc::new(a), Arc::new(b)).await;
     }
 
     #[tokio::test]
     async fn audit_pagination_filters_and_file_hashes() {
         let db = TestDb::new().await;
         let store = db.store("a").await;
-        let entries = seed_audit(&store).await;
-        let all = AuditFilter::default();
-
-        let first = store.list_audit(&all, &Page { limit: 2, cursor: None }).await.unwrap();
-        assert_eq!(first.items.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![6, 5]);
-        assert_eq!(first.items[0], entries[5], "listed entries equal the committed ones");
-        assert_eq!(all_audit_seqs(&store, &all, 2).await, vec![6, 5, 4, 3, 2, 1]);
-        let exact = store.list_audit(&all, &Page { limit: 6, cursor: None }).await.unwrap();
-        assert_eq!((exact.items.len(), exact.next_cursor), (6, None));
-
-        let f = |g: fn(&mut AuditFilter)| {
-            let mut filter = AuditFilter::default();
-            g(&mut filter);
-            filter
-        };
-        let cases: Vec<(AuditFilter, Vec<i64>)> = vec![
-            (f(|x| x.actor = Some("bob".into())), vec![6, 4]),
-            (f(|x| x.action = Some(AuditAction::Create)), vec![3, 2, 1]),
-            (f(|x| x.object_type = Some("rule".into())), vec![6, 4, 2, 1]),
-            (f(|x| x.object_id = Some("r1".into())), vec![4, 1]),
-            (
-                f(|x| {
-                    x.actor = Some("alice".into());
-                    x.object_type = Some("policy".into());
-                }),
-                vec![3],
-            ),
-            (f(|x| x.actor = Some("nobody".into())), vec![]),
-        ];
-        for (filter, expected) in cases {
-            assert_eq!(all_audit_seqs(&store, &filter, 1).await, expected, "{filter:?}");
-        }
-        let t = |i: usize| parse_time(&entries[i].time).unwrap();
-        let since = AuditFilter { since: Some(t(1)), ..Default::default() };
-        assert_eq!(all_audit_seqs(&store, &since, 2).await, vec![6, 5, 4, 3, 2]);
-        let until = AuditFilter { until: Some(t(3)), ..Default::default() };
-        assert_eq!(all_audit_seqs(&store, &until, 2).await, vec![3, 2, 1]);
-        let both = AuditFilter { since: Some(t(1)), until: Some(t(4)), ..Default::default() };
-        assert_eq!(all_audit_seqs(&store, &both, 10).await, vec![4, 3, 2]);
-        for bad in ["garbage", "", "%%%", &encode_activity_cursor(1, 1)] {
-            let page = Page { limit: 10, cursor: Some(bad.to_string()) };
-            assert_eq!(store.list_audit(&all, &page).await.unwrap_err(), StoreError::BadCursor);
-        }
+        conformance::audit_pagination_and_filters(&store).await;
 
         // last_file_hash, and a load of unchanged content is recorded once whichever
         // replica commits it.
         let file = "policies/b.json";
         assert_eq!(store.last_file_hash(file).await.unwrap(), None);
-        let load = |sha: &str| AuditDraft {
-            actor: "file:b.json".into(),
-            action: AuditAction::Load,
-            object_type: "file".into(),
-            object_id: file.into(),
-            before: None,
-            after: Some(json!({"file": file, "sha256": sha, "rules": ["r1"], "policies": []})),
-        };
+        let load = |sha: &str| conformance::file_load(file, sha);
         let other = db.store("b").await;
         assert_eq!(store.commit(vec![], vec![load("aaa")]).await.unwrap().len(), 1);
         assert_eq!(other.commit(vec![], vec![load("aaa")]).await.unwrap().len(), 0, "same content");
@@ -1963,41 +1751,10 @@ mod tests {
         assert_eq!(store.verify_audit().await.unwrap(), VerifyResult::Ok { entries: 10 });
     }
 
-    fn activity(i: usize, time: OffsetDateTime) -> ActivityEntry {
-        ActivityEntry {
-            decision_id: format!("d-{i:04}"),
-            time: format_time(time),
-            application: if i.is_multiple_of(2) { "payroll" } else { "wiki" }.into(),
-            username: Some(if i.is_multiple_of(3) { "alice" } else { "bob" }.into()),
-            remote_ip: Some("10.0.0.1".into()),
-            device_id: None,
-            decision: if i.is_multiple_of(5) { "deny" } else { "allow" }.into(),
-            reason: "ok".into(),
-            policies: json!([{"id": "p1", "decision": "allow"}]),
-            rules: if i.is_multiple_of(4) {
-                json!([{"rule_id": "device-posture", "outcome": "allow"}, {"rule_id": "hr-active", "outcome": "allow"}])
-            } else {
-                json!([{"rule_id": "hr-active", "outcome": "allow"}])
-            },
-            latency_ms: 1.5,
-            via: "api".into(),
-            replica: if i.is_multiple_of(2) { "a" } else { "b" }.into(),
-            outbox: Vec::new(),
-        }
-    }
-
-    async fn all_activity_ids(store: &PgStore, filter: &ActivityFilter, limit: usize) -> Vec<String> {
-        let mut ids = Vec::new();
-        let mut page = Page { limit, cursor: None };
-        loop {
-            let listing = store.list_activity(filter, &page).await.unwrap();
-            assert!(listing.items.len() <= limit);
-            ids.extend(listing.items.into_iter().map(|e| e.decision_id));
-            match listing.next_cursor {
-                Some(c) => page.cursor = Some(c),
-                None => return ids,
-            }
-        }
+    #[tokio::test]
+    async fn last_file_hash_reads_the_newest_load() {
+        let db = TestDb::new().await;
+        conformance::last_file_hash_reads_the_newest_load(&db.store("a").await).await;
     }
 
     #[tokio::test]
@@ -2031,94 +1788,11 @@ mod tests {
     #[tokio::test]
     async fn activity_insert_filters_pagination_prune() {
         let db = TestDb::new().await;
-        let store = db.store("a").await;
-        let base = time::macros::datetime!(2025-03-01 12:00 UTC);
-        // Entries 10 and 11 share a time, to exercise the (time, id) cursor tie-break.
-        let entries: Vec<ActivityEntry> = (0..20)
-            .map(|i| {
-                let minute = if i == 11 { 10 } else { i as i64 };
-                activity(i, base + time::Duration::minutes(minute))
-            })
-            .collect();
-        let (a, b) = entries.split_at(7);
-        store.insert_activity(b).await.unwrap();
-        store.insert_activity(a).await.unwrap();
-
-        // A known decision_id, even with other content and twice in one batch, is ignored.
-        let mut dup = entries[3].clone();
-        dup.reason = "changed".into();
-        store.insert_activity(&[dup.clone(), dup]).await.unwrap();
-
-        let all = ActivityFilter::default();
-        let expected: Vec<String> = (0..20).rev().map(|i| format!("d-{i:04}")).collect();
-        assert_eq!(all_activity_ids(&store, &all, 3).await, expected);
-        let first = store.list_activity(&all, &Page { limit: 20, cursor: None }).await.unwrap();
-        assert_eq!(first.next_cursor, None);
-        let three = first.items.iter().find(|e| e.decision_id == "d-0003").unwrap();
-        assert_eq!(three, &entries[3], "round trip, and the duplicate did not overwrite");
-        assert_eq!(three.replica, "b");
-
-        let ids = |pred: &dyn Fn(usize) -> bool| -> Vec<String> {
-            expected.iter().filter(|id| pred(id[2..].parse().unwrap())).cloned().collect()
-        };
-        let cases: Vec<(ActivityFilter, Vec<String>)> = vec![
-            (ActivityFilter { username: Some("alice".into()), ..Default::default() }, ids(&|i| i.is_multiple_of(3))),
-            (ActivityFilter { application: Some("wiki".into()), ..Default::default() }, ids(&|i| i % 2 == 1)),
-            (ActivityFilter { decision: Some("deny".into()), ..Default::default() }, ids(&|i| i.is_multiple_of(5))),
-            (
-                ActivityFilter { rule_id: Some("device-posture".into()), ..Default::default() },
-                ids(&|i| i.is_multiple_of(4)),
-            ),
-            (ActivityFilter { rule_id: Some("hr-active".into()), ..Default::default() }, ids(&|_| true)),
-            (ActivityFilter { rule_id: Some("nope".into()), ..Default::default() }, vec![]),
-            (
-                ActivityFilter {
-                    rule_id: Some("device-posture".into()),
-                    application: Some("payroll".into()),
-                    username: Some("alice".into()),
-                    ..Default::default()
-                },
-                ids(&|i| i.is_multiple_of(4) && i.is_multiple_of(3)),
-            ),
-            (
-                ActivityFilter {
-                    since: Some(base + time::Duration::minutes(5)),
-                    until: Some(base + time::Duration::minutes(10)),
-                    ..Default::default()
-                },
-                ids(&|i| (5..10).contains(&i)),
-            ),
-        ];
-        for (filter, want) in cases {
-            assert_eq!(all_activity_ids(&store, &filter, 2).await, want, "{filter:?}");
-        }
-        for bad in ["garbage", &encode_audit_cursor(3)] {
-            let page = Page { limit: 10, cursor: Some(bad.to_string()) };
-            assert_eq!(store.list_activity(&all, &page).await.unwrap_err(), StoreError::BadCursor);
-        }
-        let bad_time = ActivityEntry { time: "yesterday".into(), ..activity(99, base) };
-        assert!(matches!(store.insert_activity(&[bad_time]).await, Err(StoreError::Internal(_))));
-        // A NUL (which PostgreSQL text cannot hold) does not fail the batch.
-        let nul = ActivityEntry { username: Some("a\0b".into()), ..activity(98, base - time::Duration::days(1)) };
-        store.insert_activity(&[nul]).await.unwrap();
-
-        let removed = store.prune_activity(base + time::Duration::minutes(5)).await.unwrap();
-        assert_eq!(removed, 6);
-        assert_eq!(all_activity_ids(&store, &all, 100).await, ids(&|i| i >= 5));
-        assert_eq!(
-            all_activity_ids(
-                &store,
-                &ActivityFilter { rule_id: Some("device-posture".into()), ..Default::default() },
-                100
-            )
-            .await,
-            ids(&|i| i >= 5 && i.is_multiple_of(4))
-        );
-        assert_eq!(store.prune_activity(base).await.unwrap(), 0);
+        conformance::activity_insert_filters_pagination_prune(&db.store("a").await).await;
     }
 
     #[tokio::test]
-    async fn a_batch_of_500_is_one_statement_and_prune_works_in_chunks() {
+    async fn a_batch_of_500_is_one_statement() {
         let db = TestDb::new().await;
         let store = db.store("a").await;
         let old = time::macros::datetime!(2020-01-01 0:00 UTC);
@@ -2131,15 +1805,13 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1), row.get::<_, i64>(2)), (500, 1, 1));
+    }
 
-        let n = usize::try_from(PRUNE_CHUNK).unwrap() * 2 + 7;
-        let more: Vec<ActivityEntry> = (500..n).map(|i| activity(i, old)).collect();
-        store.insert_activity(&more).await.unwrap();
-        store.insert_activity(&[activity(n, OffsetDateTime::now_utc())]).await.unwrap();
-        let removed = store.prune_activity(OffsetDateTime::now_utc() - time::Duration::days(1)).await.unwrap();
-        assert_eq!(removed, n as u64);
-        let left = store.list_activity(&ActivityFilter::default(), &Page::default()).await.unwrap();
-        assert_eq!(left.items.len(), 1);
+    #[tokio::test]
+    async fn prune_works_in_chunks() {
+        let db = TestDb::new().await;
+        let chunk = usize::try_from(PRUNE_CHUNK).unwrap();
+        conformance::prune_works_in_chunks(&db.store("a").await, chunk).await;
     }
 
     async fn next_event(rx: &mut mpsc::Receiver<ChangeEvent>, within: Duration) -> ChangeEvent {

@@ -1218,40 +1218,12 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{format_time, parse_time, Page, Synchronous};
-    use serde_json::json;
-
-    const SECRET: &str = "PLAINTEXT-client-secret-4f1e9";
-    const PASSWORD: &str = "PLAINTEXT-basic-password-77ab";
+    use crate::store::conformance::{self, activity, all_activity_ids, PASSWORD, SECRET};
+    use crate::store::{Page, Synchronous};
 
     fn open(dir: &Path) -> SqliteStore {
         let secrets = Arc::new(SecretBox::load_or_create(dir, None).unwrap());
         SqliteStore::open(dir, secrets).unwrap()
-    }
-
-    fn rule(id: &str, secrets: &[(&str, &str)]) -> StoredObject {
-        StoredObject {
-            kind: ObjectKind::Rule,
-            id: id.into(),
-            source: "api".into(),
-            version: 1,
-            doc: json!({"id": id, "method": "GET", "url": "https://x.test/",
-                        "auth": {"type": "oauth2_client_credentials", "client_secret": "********"}}),
-            secrets: secrets.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            created_at: "2025-01-01T00:00:00.000000Z".into(),
-            updated_at: "2025-01-01T00:00:00.000000Z".into(),
-        }
-    }
-
-    fn draft(actor: &str, action: AuditAction, object_type: &str, id: &str) -> AuditDraft {
-        AuditDraft {
-            actor: actor.into(),
-            action,
-            object_type: object_type.into(),
-            object_id: id.into(),
-            before: None,
-            after: Some(json!({"id": id, "auth": {"client_secret": "********"}})),
-        }
     }
 
     fn contains(haystack: &[u8], needle: &str) -> bool {
@@ -1275,67 +1247,27 @@ mod tests {
     #[tokio::test]
     async fn objects_round_trip_with_secrets_encrypted_at_rest() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path());
-        let r1 = rule("r1", &[("auth.client_secret", SECRET)]);
-        let r2 = rule("r2", &[]);
-        let mut hook = rule("siem", &[("auth.password", PASSWORD)]);
-        hook.kind = ObjectKind::Webhook;
-        let entries = store
-            .commit(
-                vec![Change::Put(r1.clone()), Change::Put(r2.clone()), Change::Put(hook.clone())],
-                vec![draft("admin", AuditAction::Create, "rule", "r1")],
-            )
-            .await
-            .unwrap();
-        assert_eq!(entries.len(), 1);
-
-        let mut all = store.load_all().await.unwrap();
-        all.sort_by(|a, b| (a.kind, &a.id).cmp(&(b.kind, &b.id)));
-        assert_eq!(all, vec![r1.clone(), r2.clone(), hook.clone()]);
-        assert_eq!(all[0].secrets["auth.client_secret"], SECRET);
-
-        // While open: the main file, -wal and -shm all exist and hold no plaintext.
-        assert!(dir.path().join("verdict.db-wal").exists());
-        let files = assert_no_plaintext(dir.path(), &[SECRET, PASSWORD]);
-        assert!(files >= 4, "db, -wal, -shm and secret.key expected, saw {files}");
-
-        // Update and delete, then reopen (migrations are idempotent) and read again.
-        let mut r1b = r1.clone();
-        r1b.version = 2;
-        r1b.secrets.insert("auth.client_secret".into(), format!("{SECRET}-v2"));
-        store
-            .commit(
-                vec![
-                    Change::Put(r1b.clone()),
-                    Change::Delete { kind: ObjectKind::Rule, id: "r2".into() },
-                    Change::Delete { kind: ObjectKind::Policy, id: "nothing".into() },
-                ],
-                vec![],
-            )
-            .await
-            .unwrap();
-        drop(store);
-        assert_no_plaintext(dir.path(), &[SECRET, PASSWORD]);
-
-        let store = open(dir.path());
-        let mut all = store.load_all().await.unwrap();
-        all.sort_by(|a, b| (a.kind, &a.id).cmp(&(b.kind, &b.id)));
-        assert_eq!(all, vec![r1b, hook]);
-        store.ping().await.unwrap();
+        conformance::objects_round_trip_with_secrets_encrypted_at_rest(
+            async || open(dir.path()),
+            async |open: bool| {
+                let files = assert_no_plaintext(dir.path(), &[SECRET, PASSWORD]);
+                if open {
+                    // While open: the main file, -wal and -shm all exist and hold no plaintext.
+                    assert!(dir.path().join("verdict.db-wal").exists());
+                    assert!(files >= 4, "db, -wal, -shm and secret.key expected, saw {files}");
+                }
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn wrong_key_is_an_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path());
-        store.commit(vec![Change::Put(rule("r1", &[("auth.password", PASSWORD)]))], vec![]).await.unwrap();
-        drop(store);
-        let other = Arc::new(SecretBox::from_key([42u8; 32]));
-        let store = SqliteStore::open(dir.path(), other).unwrap();
-        let err = store.load_all().await.unwrap_err();
-        assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
-        assert!(err.to_string().contains("r1"), "{err}");
-        assert!(!err.to_string().contains(PASSWORD));
+        conformance::wrong_key_is_an_error_not_a_panic(open(dir.path()), async |key| {
+            SqliteStore::open(dir.path(), key).unwrap()
+        })
+        .await;
     }
 
     #[tokio::test]
@@ -1350,329 +1282,41 @@ mod tests {
         assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
     }
 
-    async fn seed_audit(store: &SqliteStore) -> Vec<AuditEntry> {
-        let batches = vec![
-            vec![draft("alice", AuditAction::Create, "rule", "r1")],
-            vec![
-                draft("alice", AuditAction::Create, "rule", "r2"),
-                draft("alice", AuditAction::Create, "policy", "p1"),
-            ],
-            vec![draft("bob", AuditAction::Update, "rule", "r1")],
-            vec![draft("file:a.json", AuditAction::Load, "file", "policies/a.json")],
-            vec![draft("bob", AuditAction::Delete, "rule", "r2")],
-        ];
-        let mut all = Vec::new();
-        for batch in batches {
-            all.extend(store.commit(vec![], batch).await.unwrap());
-            // Distinct commit times, so the time filters have something to separate.
-            std::thread::sleep(Duration::from_millis(3));
-        }
-        all
-    }
-
     #[tokio::test]
     async fn audit_chain_verifies_and_tampering_is_located() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        assert_eq!(store.verify_audit().await.unwrap(), VerifyResult::Ok { entries: 0 });
-        let entries = seed_audit(&store).await;
-        let seqs: Vec<i64> = entries.iter().map(|e| e.seq).collect();
-        assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
-        assert_eq!(entries[0].prev_hash, GENESIS_HASH);
-        assert_eq!(entries[2].prev_hash, entries[1].hash);
-        assert_eq!(entries[1].time, entries[2].time, "one commit, one time");
-        assert_eq!(store.verify_audit().await.unwrap(), VerifyResult::Ok { entries: 6 });
-
         let raw = Connection::open(dir.path().join(DB_FILE_NAME)).unwrap();
-        raw.execute("UPDATE audit SET actor = 'mallory' WHERE seq = 4", []).unwrap();
-        assert_eq!(
-            store.verify_audit().await.unwrap(),
-            VerifyResult::Broken {
-                seq: 4,
-                entries_checked: 3,
-                reason: "hash does not match the entry's content".into()
-            }
-        );
-        raw.execute("UPDATE audit SET actor = 'bob' WHERE seq = 4", []).unwrap();
-        assert_eq!(store.verify_audit().await.unwrap(), VerifyResult::Ok { entries: 6 });
-
-        // Same JSON with keys reordered still verifies (canonical JSON) ...
-        raw.execute(
-            "UPDATE audit SET after_json = '{\"auth\":{\"client_secret\":\"********\"},\"id\":\"r2\"}' WHERE seq = 2",
-            [],
-        )
-        .unwrap();
-        assert_eq!(store.verify_audit().await.unwrap(), VerifyResult::Ok { entries: 6 });
-        // ... a changed value does not.
-        raw.execute("UPDATE audit SET after_json = '{\"id\":\"evil\"}' WHERE seq = 2", []).unwrap();
-        assert!(matches!(store.verify_audit().await.unwrap(), VerifyResult::Broken { seq: 2, entries_checked: 1, .. }));
-
-        // Unparsable rows and deleted rows are breaks too, not errors.
-        let dir2 = tempfile::tempdir().unwrap();
-        let store2 = open(dir2.path());
-        seed_audit(&store2).await;
-        let raw2 = Connection::open(dir2.path().join(DB_FILE_NAME)).unwrap();
-        raw2.execute("UPDATE audit SET action = 'obliterate' WHERE seq = 5", []).unwrap();
-        assert!(matches!(store2.verify_audit().await.unwrap(), VerifyResult::Broken { seq: 5, .. }));
-        assert!(matches!(
-            store2.list_audit(&AuditFilter::default(), &Page::default()).await,
-            Err(StoreError::Corrupt(_))
-        ));
-        raw2.execute("DELETE FROM audit WHERE seq = 5", []).unwrap();
-        assert!(matches!(
-            store2.verify_audit().await.unwrap(),
-            VerifyResult::Broken { seq: 6, entries_checked: 4, .. }
-        ));
+        conformance::audit_chain_verifies_and_tampering_is_located(&store, async |sql: &str| {
+            raw.execute_batch(sql).unwrap();
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn concurrent_commits_keep_seq_gap_free() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(open(dir.path()));
-        let mut tasks = Vec::new();
-        for i in 0..20 {
-            let store = Arc::clone(&store);
-            tasks.push(tokio::spawn(async move {
-                store
-                    .commit(
-                        vec![Change::Put(rule(&format!("r{i}"), &[]))],
-                        vec![
-                            draft("a", AuditAction::Create, "rule", &format!("r{i}")),
-                            draft("a", AuditAction::Update, "rule", &format!("r{i}")),
-                        ],
-                    )
-                    .await
-                    .unwrap()
-            }));
-        }
-        let mut seqs = Vec::new();
-        for t in tasks {
-            let entries = t.await.unwrap();
-            assert_eq!(entries[1].seq, entries[0].seq + 1, "one commit's entries are adjacent");
-            seqs.extend(entries.into_iter().map(|e| e.seq));
-        }
-        seqs.sort();
-        assert_eq!(seqs, (1..=40).collect::<Vec<_>>());
-        assert_eq!(store.verify_audit().await.unwrap(), VerifyResult::Ok { entries: 40 });
-    }
-
-    async fn all_audit_seqs(store: &SqliteStore, filter: &AuditFilter, limit: usize) -> Vec<i64> {
-        let mut seqs = Vec::new();
-        let mut page = Page { limit, cursor: None };
-        loop {
-            let listing = store.list_audit(filter, &page).await.unwrap();
-            assert!(listing.items.len() <= limit);
-            seqs.extend(listing.items.iter().map(|e| e.seq));
-            match listing.next_cursor {
-                Some(c) => page.cursor = Some(c),
-                None => return seqs,
-            }
-        }
+        let store: Arc<dyn Store> = Arc::new(open(dir.path()));
+        conformance::concurrent_commits_keep_seq_gap_free(Arc::clone(&store), store).await;
     }
 
     #[tokio::test]
     async fn audit_pagination_and_filters() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path());
-        let entries = seed_audit(&store).await;
-        let all = AuditFilter::default();
-
-        let first = store.list_audit(&all, &Page { limit: 2, cursor: None }).await.unwrap();
-        assert_eq!(first.items.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![6, 5]);
-        assert_eq!(first.items[0], entries[5], "listed entries equal the committed ones");
-        assert!(first.next_cursor.is_some());
-        assert_eq!(all_audit_seqs(&store, &all, 2).await, vec![6, 5, 4, 3, 2, 1]);
-        assert_eq!(all_audit_seqs(&store, &all, 1000).await, vec![6, 5, 4, 3, 2, 1]);
-        // Exactly a full last page: no cursor to an empty page.
-        let exact = store.list_audit(&all, &Page { limit: 6, cursor: None }).await.unwrap();
-        assert_eq!(exact.items.len(), 6);
-        assert_eq!(exact.next_cursor, None);
-
-        let f = |g: fn(&mut AuditFilter)| {
-            let mut filter = AuditFilter::default();
-            g(&mut filter);
-            filter
-        };
-        let cases: Vec<(AuditFilter, Vec<i64>)> = vec![
-            (f(|x| x.actor = Some("bob".into())), vec![6, 4]),
-            (f(|x| x.action = Some(AuditAction::Create)), vec![3, 2, 1]),
-            (f(|x| x.object_type = Some("rule".into())), vec![6, 4, 2, 1]),
-            (f(|x| x.object_id = Some("r1".into())), vec![4, 1]),
-            (
-                f(|x| {
-                    x.actor = Some("alice".into());
-                    x.object_type = Some("policy".into());
-                }),
-                vec![3],
-            ),
-            (f(|x| x.actor = Some("nobody".into())), vec![]),
-        ];
-        for (filter, expected) in cases {
-            assert_eq!(all_audit_seqs(&store, &filter, 1).await, expected, "{filter:?}");
-        }
-
-        // since inclusive, until exclusive; entries 2 and 3 share a commit time.
-        let t = |i: usize| parse_time(&entries[i].time).unwrap();
-        let since = AuditFilter { since: Some(t(1)), ..Default::default() };
-        assert_eq!(all_audit_seqs(&store, &since, 2).await, vec![6, 5, 4, 3, 2]);
-        let until = AuditFilter { until: Some(t(3)), ..Default::default() };
-        assert_eq!(all_audit_seqs(&store, &until, 2).await, vec![3, 2, 1]);
-        let both = AuditFilter { since: Some(t(1)), until: Some(t(4)), ..Default::default() };
-        assert_eq!(all_audit_seqs(&store, &both, 10).await, vec![4, 3, 2]);
-
-        for bad in ["garbage", "", "%%%", &encode_activity_cursor(1, 1)] {
-            let page = Page { limit: 10, cursor: Some(bad.to_string()) };
-            assert_eq!(store.list_audit(&all, &page).await.unwrap_err(), StoreError::BadCursor);
-        }
+        conformance::audit_pagination_and_filters(&open(dir.path())).await;
     }
 
     #[tokio::test]
     async fn last_file_hash_reads_the_newest_load() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path());
-        assert_eq!(store.last_file_hash("policies/a.json").await.unwrap(), None);
-        let load = |sha: &str| AuditDraft {
-            actor: "file:a.json".into(),
-            action: AuditAction::Load,
-            object_type: "file".into(),
-            object_id: "policies/a.json".into(),
-            before: None,
-            after: Some(json!({"file": "policies/a.json", "sha256": sha, "rules": ["r1"], "policies": []})),
-        };
-        store.commit(vec![], vec![load("aaa")]).await.unwrap();
-        store.commit(vec![], vec![load("bbb")]).await.unwrap();
-        // A non-load entry on the same object id does not count.
-        store.commit(vec![], vec![draft("x", AuditAction::Update, "file", "policies/a.json")]).await.unwrap();
-        assert_eq!(store.last_file_hash("policies/a.json").await.unwrap().as_deref(), Some("bbb"));
-        assert_eq!(store.last_file_hash("policies/b.json").await.unwrap(), None);
-    }
-
-    fn activity(i: usize, time: OffsetDateTime) -> ActivityEntry {
-        ActivityEntry {
-            decision_id: format!("d-{i:04}"),
-            time: format_time(time),
-            application: if i.is_multiple_of(2) { "payroll" } else { "wiki" }.into(),
-            username: Some(if i.is_multiple_of(3) { "alice" } else { "bob" }.into()),
-            remote_ip: Some("10.0.0.1".into()),
-            device_id: None,
-            decision: if i.is_multiple_of(5) { "deny" } else { "allow" }.into(),
-            reason: "ok".into(),
-            policies: json!([{"id": "p1", "decision": "allow"}]),
-            rules: if i.is_multiple_of(4) {
-                json!([{"rule_id": "device-posture", "outcome": "allow"}, {"rule_id": "hr-active", "outcome": "allow"}])
-            } else {
-                json!([{"rule_id": "hr-active", "outcome": "allow"}])
-            },
-            latency_ms: 1.5,
-            via: "api".into(),
-            replica: "test".into(),
-            outbox: Vec::new(),
-        }
-    }
-
-    async fn all_activity_ids(store: &SqliteStore, filter: &ActivityFilter, limit: usize) -> Vec<String> {
-        let mut ids = Vec::new();
-        let mut page = Page { limit, cursor: None };
-        loop {
-            let listing = store.list_activity(filter, &page).await.unwrap();
-            assert!(listing.items.len() <= limit);
-            ids.extend(listing.items.into_iter().map(|e| e.decision_id));
-            match listing.next_cursor {
-                Some(c) => page.cursor = Some(c),
-                None => return ids,
-            }
-        }
+        conformance::last_file_hash_reads_the_newest_load(&open(dir.path())).await;
     }
 
     #[tokio::test]
     async fn activity_insert_filters_pagination_prune() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path());
-        let base = time::macros::datetime!(2025-03-01 12:00 UTC);
-        // 20 entries one minute apart; entries 10 and 11 share a time, to exercise the
-        // (time, id) cursor tie-break.
-        let entries: Vec<ActivityEntry> = (0..20)
-            .map(|i| {
-                let minute = if i == 11 { 10 } else { i as i64 };
-                activity(i, base + time::Duration::minutes(minute))
-            })
-            .collect();
-        // Inserted out of time order, in two batches.
-        let (a, b) = entries.split_at(7);
-        store.insert_activity(b).await.unwrap();
-        store.insert_activity(a).await.unwrap();
-
-        // Re-inserting a known decision_id, even with other content, is ignored.
-        let mut dup = entries[3].clone();
-        dup.reason = "changed".into();
-        store.insert_activity(&[dup]).await.unwrap();
-
-        let all = ActivityFilter::default();
-        let got = all_activity_ids(&store, &all, 3).await;
-        // 10 and 11 share a time: the later-inserted row (higher id) comes first.
-        let expected: Vec<String> = (0..20).rev().map(|i| format!("d-{i:04}")).collect();
-        assert_eq!(got, expected);
-        let first = store.list_activity(&all, &Page { limit: 20, cursor: None }).await.unwrap();
-        assert_eq!(first.next_cursor, None);
-        let three = first.items.iter().find(|e| e.decision_id == "d-0003").unwrap();
-        assert_eq!(three, &entries[3], "round trip, and the duplicate did not overwrite");
-
-        let ids = |pred: &dyn Fn(usize) -> bool| -> Vec<String> {
-            expected.iter().filter(|id| pred(id[2..].parse().unwrap())).cloned().collect()
-        };
-        let cases: Vec<(ActivityFilter, Vec<String>)> = vec![
-            (ActivityFilter { username: Some("alice".into()), ..Default::default() }, ids(&|i| i.is_multiple_of(3))),
-            (ActivityFilter { application: Some("wiki".into()), ..Default::default() }, ids(&|i| i % 2 == 1)),
-            (ActivityFilter { decision: Some("deny".into()), ..Default::default() }, ids(&|i| i.is_multiple_of(5))),
-            (
-                ActivityFilter { rule_id: Some("device-posture".into()), ..Default::default() },
-                ids(&|i| i.is_multiple_of(4)),
-            ),
-            (ActivityFilter { rule_id: Some("hr-active".into()), ..Default::default() }, ids(&|_| true)),
-            (ActivityFilter { rule_id: Some("nope".into()), ..Default::default() }, vec![]),
-            (
-                ActivityFilter {
-                    rule_id: Some("device-posture".into()),
-                    application: Some("payroll".into()),
-                    username: Some("alice".into()),
-                    ..Default::default()
-                },
-                ids(&|i| i.is_multiple_of(4) && i.is_multiple_of(3)),
-            ),
-            (
-                ActivityFilter {
-                    since: Some(base + time::Duration::minutes(5)),
-                    until: Some(base + time::Duration::minutes(10)),
-                    ..Default::default()
-                },
-                ids(&|i| (5..10).contains(&i)),
-            ),
-        ];
-        for (filter, want) in cases {
-            assert_eq!(all_activity_ids(&store, &filter, 2).await, want, "{filter:?}");
-        }
-
-        for bad in ["garbage", &encode_audit_cursor(3)] {
-            let page = Page { limit: 10, cursor: Some(bad.to_string()) };
-            assert_eq!(store.list_activity(&all, &page).await.unwrap_err(), StoreError::BadCursor);
-        }
-
-        let bad_time = ActivityEntry { time: "yesterday".into(), ..activity(99, base) };
-        assert!(matches!(store.insert_activity(&[bad_time]).await, Err(StoreError::Internal(_))));
-
-        // Prune: strictly older than the cutoff goes, with its rule index rows.
-        let removed = store.prune_activity(base + time::Duration::minutes(5)).await.unwrap();
-        assert_eq!(removed, 5);
-        assert_eq!(all_activity_ids(&store, &all, 100).await, ids(&|i| i >= 5));
-        assert_eq!(
-            all_activity_ids(
-                &store,
-                &ActivityFilter { rule_id: Some("device-posture".into()), ..Default::default() },
-                100
-            )
-            .await,
-            ids(&|i| i >= 5 && i.is_multiple_of(4))
-        );
+        conformance::activity_insert_filters_pagination_prune(&open(dir.path())).await;
+        // Pruning took the entries' rule index rows with them.
         let raw = Connection::open(dir.path().join(DB_FILE_NAME)).unwrap();
         let orphans: i64 = raw
             .query_row(
@@ -1682,22 +1326,12 @@ mod tests {
             )
             .unwrap();
         assert_eq!(orphans, 0);
-        assert_eq!(store.prune_activity(base).await.unwrap(), 0);
     }
 
     #[tokio::test]
     async fn prune_works_in_chunks() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path());
-        let old = time::macros::datetime!(2020-01-01 0:00 UTC);
-        let n = PRUNE_CHUNK * 2 + 7;
-        let batch: Vec<ActivityEntry> = (0..n).map(|i| activity(i, old)).collect();
-        store.insert_activity(&batch).await.unwrap();
-        store.insert_activity(&[activity(n, OffsetDateTime::now_utc())]).await.unwrap();
-        let removed = store.prune_activity(OffsetDateTime::now_utc() - time::Duration::days(1)).await.unwrap();
-        assert_eq!(removed, n as u64);
-        let left = store.list_activity(&ActivityFilter::default(), &Page::default()).await.unwrap();
-        assert_eq!(left.items.len(), 1);
+        conformance::prune_works_in_chunks(&open(dir.path()), PRUNE_CHUNK).await;
     }
 
     #[test]
