@@ -94,7 +94,7 @@ pub struct WebhooksFile {
     pub backoff_base_ms: Option<u64>,
     /// Longest retry delay in seconds, `Retry-After` included (default 3600).
     pub max_backoff_s: Option<u64>,
-    /// Deliveries sent at once (default 16).
+    /// Calls in flight at once (default 32); one webhook uses at most half of them.
     pub concurrency: Option<usize>,
 }
 
@@ -109,7 +109,7 @@ pub struct WebhookSettings {
 
 impl Default for WebhookSettings {
     fn default() -> Self {
-        WebhookSettings { poll_ms: 1000, backoff_base_ms: 1000, max_backoff_s: 3600, concurrency: 16 }
+        WebhookSettings { poll_ms: 1000, backoff_base_ms: 1000, max_backoff_s: 3600, concurrency: 32 }
     }
 }
 

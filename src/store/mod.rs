@@ -879,7 +879,20 @@ pub trait Store: Send + Sync + 'static {
         lease_us: i64,
         limit: usize,
     ) -> Result<Vec<Delivery>, StoreError> {
-        let _ = (owner, now_us, lease_us, limit);
+        self.claim_deliveries_except(owner, now_us, lease_us, limit, &[]).await
+    }
+    /// [`Store::claim_deliveries`] passing over the rows of the webhooks in `except`
+    /// (those the delivery loop is holding back: cooling down after failures, or at
+    /// their limit of calls in flight), so they cost no write while they wait.
+    async fn claim_deliveries_except(
+        &self,
+        owner: &str,
+        now_us: i64,
+        lease_us: i64,
+        limit: usize,
+        except: &[String],
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let _ = (owner, now_us, lease_us, limit, except);
         Err(outbox_unsupported())
     }
     /// Records an attempt's result (or a manual state change) and clears the claim. A
@@ -892,6 +905,24 @@ pub trait Store: Send + Sync + 'static {
     /// rather than one per event.
     async fn finish_deliveries(&self, done: &[(i64, DeliveryUpdate)]) -> Result<(), StoreError> {
         let _ = done;
+        Err(outbox_unsupported())
+    }
+    /// Counts one failed attempt against every pending, due and unclaimed delivery of
+    /// `webhook_id`, in one write: the delivery loop calls it when a probe of a failing
+    /// receiver fails, instead of sending each event to a receiver known to be down.
+    /// Each gets `last_status`/`last_error`, is due again after `base_us` doubled per
+    /// attempt it has made (at most `max_us`), and fails once it reaches `max_attempts`.
+    /// Returns how many rows it touched.
+    async fn fail_due_deliveries(
+        &self,
+        webhook_id: &str,
+        now_us: i64,
+        last_status: Option<u16>,
+        last_error: &str,
+        base_us: i64,
+        max_us: i64,
+    ) -> Result<u64, StoreError> {
+        let _ = (webhook_id, now_us, last_status, last_error, base_us, max_us);
         Err(outbox_unsupported())
     }
     /// Clears every claim held by `owner`; returns how many. Called at start: a restarted
@@ -1187,6 +1218,54 @@ pub(crate) mod outbox_conformance {
     }
 
     /// `release_claims` frees what one owner holds, nothing else.
+    /// A failed probe counts against every due, unclaimed row of its webhook at once.
+    pub(crate) async fn fail_due_counts_one_attempt_against_each_due_row(store: &dyn Store) {
+        store
+            .enqueue_events(&[event("down", "d1"), event("down", "d2"), event("down", "d3"), event("up", "u1")])
+            .await
+            .unwrap();
+        let t = now_us();
+        // d1 is claimed (being probed): untouched.
+        let probe = store.claim_deliveries_except("a", t, LEASE, 1, &[]).await.unwrap();
+        assert_eq!(keys(&probe), [key("down", "d1")]);
+        // d3 had 7 of its 8 attempts: this failure is its last.
+        let d3 = delivery(store, "down", "d3").await;
+        store.finish_delivery(d3.id, &update(DeliveryState::Pending, 7, Some(503), t)).await.unwrap();
+        let touched = store.fail_due_deliveries("down", t, None, "connection refused", 1_000_000, 60_000_000).await;
+        assert_eq!(touched.unwrap(), 2);
+        let d2 = delivery(store, "down", "d2").await;
+        assert_eq!(
+            (d2.state, d2.attempts, d2.last_status, d2.last_error.as_deref()),
+            (DeliveryState::Pending, 1, None, Some("connection refused"))
+        );
+        let due = unix_micros(parse_time(d2.next_attempt_at.as_deref().unwrap()).unwrap());
+        assert!((t + 1_000_000..t + 1_000_100).contains(&due), "due again after the base delay: {due} vs {t}");
+        let d3 = delivery(store, "down", "d3").await;
+        assert_eq!((d3.state, d3.attempts, d3.next_attempt_at), (DeliveryState::Failed, 8, None));
+        let d1 = delivery(store, "down", "d1").await;
+        assert_eq!((d1.state, d1.attempts), (DeliveryState::Pending, 0), "the claimed probe is left to its caller");
+        let u1 = delivery(store, "up", "u1").await;
+        assert_eq!((u1.state, u1.attempts), (DeliveryState::Pending, 0), "other webhooks are untouched");
+        // Later: not due yet, nothing to count.
+        assert_eq!(store.fail_due_deliveries("down", t + 1, None, "x", 1_000_000, 60_000_000).await.unwrap(), 0);
+    }
+
+    /// A claim can pass over the rows of given webhooks; they stay due for later claims.
+    pub(crate) async fn claims_pass_over_excepted_webhooks(store: &dyn Store) {
+        store
+            .enqueue_events(&[event("slow", "s1"), event("fast", "f1"), event("slow", "s2"), event("other", "o1")])
+            .await
+            .unwrap();
+        let t = now_us();
+        let except = ["slow".to_string(), "other".to_string()];
+        let claimed = store.claim_deliveries_except("a", t, LEASE, 10, &except).await.unwrap();
+        assert_eq!(keys(&claimed), [key("fast", "f1")]);
+        let claimed = store.claim_deliveries_except("a", t, LEASE, 10, &except[..1]).await.unwrap();
+        assert_eq!(keys(&claimed), [key("other", "o1")]);
+        let claimed = store.claim_deliveries_except("a", t, LEASE, 10, &[]).await.unwrap();
+        assert_eq!(keys(&claimed), [key("slow", "s1"), key("slow", "s2")]);
+    }
+
     pub(crate) async fn release_claims_frees_rows(store: &dyn Store) {
         store.enqueue_events(&[event("h", "e1"), event("h", "e2"), event("h", "e3"), event("h", "e4")]).await.unwrap();
         let t = now_us();

@@ -1275,16 +1275,18 @@ impl Store for PgStore {
         with_conn!(self, WRITE_DEADLINE, |client| { insert_events(&*client, events, now).await })
     }
 
-    async fn claim_deliveries(
+    async fn claim_deliveries_except(
         &self,
         owner: &str,
         now_us: i64,
         lease_us: i64,
         limit: usize,
+        except: &[String],
     ) -> Result<Vec<Delivery>, StoreError> {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        let except: Vec<String> = except.iter().map(|s| pg_text(s)).collect();
         let owner = pg_text(owner);
         let until = now_us.saturating_add(lease_us);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
@@ -1297,6 +1299,7 @@ impl Store for PgStore {
             "WITH due AS MATERIALIZED (\
              SELECT id FROM webhook_deliveries \
              WHERE state = 'pending' AND next_attempt_us <= $3 AND claimed_until_us <= $3 \
+             AND NOT (webhook_id = ANY($5::text[])) \
              ORDER BY next_attempt_us, id LIMIT $4 FOR UPDATE SKIP LOCKED) \
              UPDATE webhook_deliveries d SET claimed_by = $1, claimed_until_us = $2 \
              FROM due WHERE d.id = due.id RETURNING {}",
@@ -1304,7 +1307,7 @@ impl Store for PgStore {
         );
         let rows = with_conn!(self, WRITE_DEADLINE, |client| {
             let stmt = client.prepare_cached(&sql).await.map_err(pg_err)?;
-            client.query(&stmt, &[&owner, &until, &now_us, &limit]).await.map_err(pg_err)
+            client.query(&stmt, &[&owner, &until, &now_us, &limit, &except]).await.map_err(pg_err)
         })?;
         let mut claimed = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -1345,6 +1348,38 @@ impl Store for PgStore {
                 .await
                 .map_err(pg_err)?;
             Ok(())
+        })
+    }
+
+    async fn fail_due_deliveries(
+        &self,
+        webhook_id: &str,
+        now_us: i64,
+        last_status: Option<u16>,
+        last_error: &str,
+        base_us: i64,
+        max_us: i64,
+    ) -> Result<u64, StoreError> {
+        let (webhook_id, last_error) = (pg_text(webhook_id), pg_text(last_error));
+        let status = last_status.map(i64::from);
+        let now_text = format_time(super::from_unix_micros(now_us));
+        with_conn!(self, WRITE_DEADLINE, |client| {
+            let stmt = client
+                .prepare_cached(
+                    "UPDATE webhook_deliveries SET attempts = attempts + 1, last_status = $3, last_error = $4, \
+                     state = CASE WHEN attempts + 1 >= max_attempts THEN 'failed' ELSE 'pending' END, \
+                     next_attempt_us = CASE WHEN attempts + 1 >= max_attempts THEN next_attempt_us \
+                     ELSE $2 + LEAST($5::bigint << LEAST(attempts, 30)::int, $6::bigint) END, \
+                     updated_at = $7, updated_us = $2 \
+                     WHERE webhook_id = $1 AND state = 'pending' AND next_attempt_us <= $2 \
+                     AND claimed_until_us <= $2",
+                )
+                .await
+                .map_err(pg_err)?;
+            client
+                .execute(&stmt, &[&webhook_id, &now_us, &status, &last_error, &base_us, &max_us, &now_text])
+                .await
+                .map_err(pg_err)
         })
     }
 
@@ -2119,6 +2154,18 @@ mod tests {
         async fn claims_lease_and_finish() {
             let db = TestDb::new().await;
             conformance::claims_lease_and_finish(&db.store("a").await).await;
+        }
+
+        #[tokio::test]
+        async fn fail_due_counts_one_attempt_against_each_due_row() {
+            let db = TestDb::new().await;
+            conformance::fail_due_counts_one_attempt_against_each_due_row(&db.store("a").await).await;
+        }
+
+        #[tokio::test]
+        async fn claims_pass_over_excepted_webhooks() {
+            let db = TestDb::new().await;
+            conformance::claims_pass_over_excepted_webhooks(&db.store("a").await).await;
         }
 
         #[tokio::test]

@@ -247,18 +247,31 @@ impl Store for SpoolingStore {
         self.inner.enqueue_events(events).await
     }
 
-    async fn claim_deliveries(
+    async fn claim_deliveries_except(
         &self,
         owner: &str,
         now_us: i64,
         lease_us: i64,
         limit: usize,
+        except: &[String],
     ) -> Result<Vec<Delivery>, StoreError> {
-        self.inner.claim_deliveries(owner, now_us, lease_us, limit).await
+        self.inner.claim_deliveries_except(owner, now_us, lease_us, limit, except).await
     }
 
     async fn finish_deliveries(&self, done: &[(i64, DeliveryUpdate)]) -> Result<(), StoreError> {
         self.inner.finish_deliveries(done).await
+    }
+
+    async fn fail_due_deliveries(
+        &self,
+        webhook_id: &str,
+        now_us: i64,
+        last_status: Option<u16>,
+        last_error: &str,
+        base_us: i64,
+        max_us: i64,
+    ) -> Result<u64, StoreError> {
+        self.inner.fail_due_deliveries(webhook_id, now_us, last_status, last_error, base_us, max_us).await
     }
 
     async fn release_claims(&self, owner: &str) -> Result<u64, StoreError> {

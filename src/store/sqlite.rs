@@ -1062,16 +1062,18 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn claim_deliveries(
+    async fn claim_deliveries_except(
         &self,
         owner: &str,
         now_us: i64,
         lease_us: i64,
         limit: usize,
+        except: &[String],
     ) -> Result<Vec<Delivery>, StoreError> {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        let except = serde_json::to_string(except).map_err(|e| StoreError::Internal(format!("encode: {e}")))?;
         let owner = owner.to_string();
         let until = now_us.saturating_add(lease_us);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
@@ -1081,11 +1083,12 @@ impl Store for SqliteStore {
             "UPDATE webhook_deliveries SET claimed_by = ?1, claimed_until_us = ?2 WHERE id IN \
              (SELECT id FROM webhook_deliveries \
               WHERE state = 'pending' AND next_attempt_us <= ?3 AND claimed_until_us <= ?3 \
+              AND webhook_id NOT IN (SELECT value FROM json_each(?5)) \
               ORDER BY next_attempt_us, id LIMIT ?4) \
              RETURNING {DELIVERY_COLUMNS}"
         );
         let mut rows =
-            self.write(move |conn| query_deliveries(conn, &sql, params![owner, until, now_us, limit])).await?;
+            self.write(move |conn| query_deliveries(conn, &sql, params![owner, until, now_us, limit, except])).await?;
         // RETURNING has no defined order.
         rows.sort_by_key(|r| (r.next_attempt_us, r.id));
         rows.into_iter().map(RawDelivery::into_delivery).collect()
@@ -1125,6 +1128,44 @@ impl Store for SqliteStore {
             tx.commit()
         })
         .await
+    }
+
+    async fn fail_due_deliveries(
+        &self,
+        webhook_id: &str,
+        now_us: i64,
+        last_status: Option<u16>,
+        last_error: &str,
+        base_us: i64,
+        max_us: i64,
+    ) -> Result<u64, StoreError> {
+        let (webhook_id, last_error) = (webhook_id.to_string(), last_error.to_string());
+        let now_text = format_time(super::from_unix_micros(now_us));
+        let touched = self
+            .write(move |conn| {
+                conn.prepare_cached(
+                    "UPDATE webhook_deliveries SET attempts = attempts + 1, last_status = ?3, last_error = ?4, \
+                     state = CASE WHEN attempts + 1 >= max_attempts THEN 'failed' ELSE 'pending' END, \
+                     next_attempt_us = ?2 + MIN(?5 << MIN(attempts, 30), ?6), \
+                     updated_at = ?7, updated_us = ?2 \
+                     WHERE webhook_id = ?1 AND state = 'pending' AND next_attempt_us <= ?2 \
+                     AND claimed_until_us <= ?2",
+                )
+                .and_then(|mut stmt| {
+                    stmt.execute(params![
+                        webhook_id,
+                        now_us,
+                        last_status.map(i64::from),
+                        last_error,
+                        base_us,
+                        max_us,
+                        now_text
+                    ])
+                })
+                .map_err(db_err)
+            })
+            .await?;
+        Ok(touched as u64)
     }
 
     async fn release_claims(&self, owner: &str) -> Result<u64, StoreError> {
@@ -1467,6 +1508,18 @@ mod tests {
         async fn claims_lease_and_finish() {
             let dir = tempfile::tempdir().unwrap();
             conformance::claims_lease_and_finish(&open(dir.path())).await;
+        }
+
+        #[tokio::test]
+        async fn fail_due_counts_one_attempt_against_each_due_row() {
+            let dir = tempfile::tempdir().unwrap();
+            conformance::fail_due_counts_one_attempt_against_each_due_row(&open(dir.path())).await;
+        }
+
+        #[tokio::test]
+        async fn claims_pass_over_excepted_webhooks() {
+            let dir = tempfile::tempdir().unwrap();
+            conformance::claims_pass_over_excepted_webhooks(&open(dir.path())).await;
         }
 
         #[tokio::test]

@@ -8,7 +8,7 @@
 //! otherwise every `poll_ms`. A dead or slow receiver costs only its own slots and the
 //! rows waiting in the store: the outbox is never held in memory.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,12 @@ const LEASE_MARGIN: Duration = Duration::from_secs(30);
 const UNKNOWN_GRACE: Duration = Duration::from_secs(30);
 /// Rows claimed at once, per call slot.
 const CLAIM_FACTOR: usize = 4;
+/// A webhook may use at most 1/this of the call slots, so a hanging receiver cannot
+/// hold up the others.
+const PER_WEBHOOK_SHARE: usize = 2;
+/// Longest pause of a failing webhook: a receiver that comes back is probed at least
+/// this often.
+const MAX_COOL_DOWN: Duration = Duration::from_secs(60);
 /// Most attempt results recorded in one store write.
 const MAX_RESULT_BATCH: usize = 512;
 
@@ -275,34 +281,43 @@ impl Deliverer {
         }
         let poll = Duration::from_millis(self.settings.poll_ms);
         let slots = self.settings.concurrency;
+        let per_hook = (slots / PER_WEBHOOK_SHARE).max(1);
         // Results go to one writer that records them in batches: one commit for all
         // the calls that finished meanwhile, not one per event.
         let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(self.clone().record_results(done_rx));
-        let mut in_flight: JoinSet<()> = JoinSet::new();
-        // Claimed rows waiting for a slot: one claim serves several calls.
-        let mut backlog: VecDeque<Delivery> = VecDeque::new();
+        let mut in_flight: JoinSet<(String, Reach)> = JoinSet::new();
+        // Claimed rows waiting for a slot (one claim serves several calls), with when
+        // they were claimed.
+        let mut backlog: VecDeque<(Delivery, Instant)> = VecDeque::new();
+        let mut health: HashMap<String, Health> = HashMap::new();
         let mut last_depth = Instant::now() - poll;
         loop {
+            while let Some(joined) = in_flight.try_join_next() {
+                if let Ok((hook, reach)) = joined {
+                    if let Some(failure) = self.observe(&mut health, &hook, reach) {
+                        self.count_failure(&failure, &mut backlog, &done_tx).await;
+                    }
+                }
+            }
+            self.hold_back(&mut backlog, &health, &done_tx);
+            self.dispatch(&mut backlog, &mut health, &mut in_flight, slots, per_hook, &done_tx);
             let mut more_due = false;
-            if backlog.len() < slots {
+            if in_flight.len() < slots && backlog.len() < slots * CLAIM_FACTOR {
+                // Nothing in the backlog can go: claim more, passing over the webhooks
+                // held back (cooling down, or at their share of the slots).
+                let now = Instant::now();
+                let held: Vec<String> =
+                    health.iter().filter(|(_, h)| h.held(now, per_hook)).map(|(id, _)| id.clone()).collect();
                 let want = slots * CLAIM_FACTOR - backlog.len();
-                match self.claim(want).await {
+                match self.claim(want, &held).await {
                     Ok(deliveries) => {
                         more_due = deliveries.len() == want;
-                        backlog.extend(deliveries);
+                        backlog.extend(deliveries.into_iter().map(|d| (d, now)));
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot read the webhook outbox; retrying"),
                 }
-            }
-            while in_flight.len() < slots {
-                let Some(d) = backlog.pop_front() else { break };
-                let (me, done) = (self.clone(), done_tx.clone());
-                in_flight.spawn(async move {
-                    let update = me.attempt(&d).await;
-                    // The receiver lives as long as the loop.
-                    let _ = done.send((d.id, update));
-                });
+                self.dispatch(&mut backlog, &mut health, &mut in_flight, slots, per_hook, &done_tx);
             }
             if last_depth.elapsed() >= poll {
                 last_depth = Instant::now();
@@ -310,19 +325,161 @@ impl Deliverer {
                     self.metrics.depth.set(i64::try_from(depth).unwrap_or(i64::MAX));
                 }
             }
-            if !backlog.is_empty() {
-                // Every slot is busy: go on when one frees up.
-                in_flight.join_next().await;
+            if more_due && in_flight.len() < slots {
                 continue;
             }
-            if more_due {
-                continue;
-            }
+            // Wake for new events, a finished call, the end of a cool-down, or the poll.
+            let now = Instant::now();
+            let nap = health
+                .values()
+                .filter_map(|h| h.cool_until.filter(|t| *t > now))
+                .map(|t| t - now)
+                .fold(poll, Duration::min);
             tokio::select! {
                 _ = self.webhooks.wake.notified() => {}
-                _ = tokio::time::sleep(poll) => {}
-                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+                _ = tokio::time::sleep(nap) => {}
+                Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    if let Ok((hook, reach)) = joined {
+                        if let Some(failure) = self.observe(&mut health, &hook, reach) {
+                            self.count_failure(&failure, &mut backlog, &done_tx).await;
+                        }
+                    }
+                }
             }
+        }
+    }
+
+    /// Learns from a finished call whether the webhook's receiver answers: a failure
+    /// cools the whole webhook down (base doubled per failure in a row, or the
+    /// receiver's `Retry-After`), so a dead receiver is probed at that pace instead of
+    /// once per pending event.
+    /// Returns the failure when it starts a cool-down: [`Deliverer::count_failure`]
+    /// then counts one failed attempt against every other due event of the webhook, so
+    /// they are not sent one by one to a receiver known to be down, yet each still
+    /// fails after its `max_attempts`, as it would have.
+    fn observe(&self, health: &mut HashMap<String, Health>, hook: &str, reach: Reach) -> Option<Failure> {
+        let h = health.entry(hook.to_owned()).or_default();
+        h.in_flight = h.in_flight.saturating_sub(1);
+        let mut started = None;
+        match reach {
+            Reach::Up => {
+                h.failures = 0;
+                h.cool_until = None;
+            }
+            Reach::Down { retry_after, status, error } => {
+                let now = Instant::now();
+                // Calls that were in flight together and fail together count once.
+                if h.cool_until.is_none_or(|t| t <= now) {
+                    h.failures = h.failures.saturating_add(1);
+                    let why = format!("{error} (the receiver failed; counted without a call of its own)");
+                    started = Some(Failure { hook: hook.to_owned(), status, error: why });
+                }
+                let pause = backoff(
+                    h.failures,
+                    Duration::from_millis(self.settings.backoff_base_ms),
+                    retry_after,
+                    Duration::from_secs(self.settings.max_backoff_s).min(MAX_COOL_DOWN),
+                );
+                h.cool_until = h.cool_until.max(Some(now + pause));
+            }
+            Reach::NotCalled => {}
+        }
+        if h.in_flight == 0 && h.failures == 0 {
+            health.remove(hook);
+        }
+        started
+    }
+
+    /// Counts a receiver's failure against the webhook's other due events: those in
+    /// the store in one write, those in this loop's backlog through the result writer.
+    async fn count_failure(
+        &self,
+        f: &Failure,
+        backlog: &mut VecDeque<(Delivery, Instant)>,
+        done: &tokio::sync::mpsc::UnboundedSender<(i64, DeliveryUpdate)>,
+    ) {
+        let base = Duration::from_millis(self.settings.backoff_base_ms);
+        let max = Duration::from_secs(self.settings.max_backoff_s);
+        let at = unix_micros(time::OffsetDateTime::now_utc());
+        let (base_us, max_us) = (micros(base), micros(max));
+        match self.store.fail_due_deliveries(&f.hook, at, f.status, &f.error, base_us, max_us).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::debug!(webhook = %f.hook, deliveries = n, "receiver down; a failed attempt counted against its due events")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, webhook = %f.hook, "could not count a failed attempt against due events")
+            }
+        }
+        backlog.retain(|(d, _)| {
+            if d.webhook_id != f.hook {
+                return true;
+            }
+            let attempts = d.attempts + 1;
+            let gave_up = attempts >= d.max_attempts;
+            let update = DeliveryUpdate {
+                state: if gave_up { DeliveryState::Failed } else { DeliveryState::Pending },
+                attempts,
+                last_status: f.status,
+                last_error: Some(f.error.clone()),
+                next_attempt_us: unix_micros(time::OffsetDateTime::now_utc() + backoff(attempts, base, None, max)),
+            };
+            if gave_up {
+                self.metrics.deliveries.with_label_values(&[&f.hook, "failed"]).inc();
+            }
+            let _ = done.send((d.id, update));
+            false
+        });
+    }
+
+    /// Hands back (unclaims, without counting an attempt) the backlog rows of webhooks
+    /// that are cooling down, and rows waiting so long that their lease could run out.
+    fn hold_back(
+        &self,
+        backlog: &mut VecDeque<(Delivery, Instant)>,
+        health: &HashMap<String, Health>,
+        done: &tokio::sync::mpsc::UnboundedSender<(i64, DeliveryUpdate)>,
+    ) {
+        let now = Instant::now();
+        let stale = (Duration::from_millis(crate::rule::MAX_TIMEOUT_MS) + LEASE_MARGIN) / 2;
+        backlog.retain(|(d, claimed)| {
+            let cooling = health.get(&d.webhook_id).and_then(|h| h.cool_until).filter(|t| *t > now);
+            let until = match cooling {
+                Some(t) => t - now,
+                None if claimed.elapsed() > stale => Duration::ZERO,
+                None => return true,
+            };
+            let _ = done.send((d.id, hold(d, until)));
+            false
+        });
+    }
+
+    /// Starts calls for backlog rows while slots are free, each webhook within its share.
+    fn dispatch(
+        self: &Arc<Self>,
+        backlog: &mut VecDeque<(Delivery, Instant)>,
+        health: &mut HashMap<String, Health>,
+        in_flight: &mut JoinSet<(String, Reach)>,
+        slots: usize,
+        per_hook: usize,
+        done: &tokio::sync::mpsc::UnboundedSender<(i64, DeliveryUpdate)>,
+    ) {
+        let mut i = 0;
+        while in_flight.len() < slots && i < backlog.len() {
+            let h = health.entry(backlog[i].0.webhook_id.clone()).or_default();
+            if h.held(Instant::now(), per_hook) {
+                i += 1;
+                continue;
+            }
+            h.in_flight += 1;
+            let Some((d, _)) = backlog.remove(i) else { break };
+            let (me, done) = (self.clone(), done.clone());
+            in_flight.spawn(async move {
+                let (update, reach) = me.attempt(&d).await;
+                // The receiver lives as long as the loop.
+                let _ = done.send((d.id, update));
+                (d.webhook_id, reach)
+            });
         }
     }
 
@@ -346,22 +503,25 @@ impl Deliverer {
         }
     }
 
-    async fn claim(&self, limit: usize) -> Result<Vec<Delivery>, StoreError> {
+    async fn claim(&self, limit: usize, except: &[String]) -> Result<Vec<Delivery>, StoreError> {
         let now = unix_micros(time::OffsetDateTime::now_utc());
         let lease = Duration::from_millis(crate::rule::MAX_TIMEOUT_MS) + LEASE_MARGIN;
-        self.store.claim_deliveries(&self.owner, now, i64::try_from(lease.as_micros()).unwrap_or(i64::MAX), limit).await
+        let lease_us = i64::try_from(lease.as_micros()).unwrap_or(i64::MAX);
+        self.store.claim_deliveries_except(&self.owner, now, lease_us, limit, except).await
     }
 
-    /// One attempt of a claimed delivery; what to record for it.
-    async fn attempt(&self, d: &Delivery) -> DeliveryUpdate {
+    /// One attempt of a claimed delivery: what to record for it, and whether the
+    /// receiver answered.
+    async fn attempt(&self, d: &Delivery) -> (DeliveryUpdate, Reach) {
         let now = time::OffsetDateTime::now_utc();
         let set = self.webhooks.current();
         match set.hooks.get(&d.webhook_id) {
             None => {
                 let age = parse_time(&d.created_at).map(|c| (now - c).unsigned_abs()).unwrap_or(Duration::MAX);
-                if age < UNKNOWN_GRACE {
+                let update = if age < UNKNOWN_GRACE {
                     later(d, now, Duration::from_secs(2), "webhook not known to this replica yet")
                 } else {
+                    self.metrics.deliveries.with_label_values(&[&d.webhook_id, "failed"]).inc();
                     DeliveryUpdate {
                         state: DeliveryState::Failed,
                         attempts: d.attempts,
@@ -369,10 +529,11 @@ impl Deliverer {
                         last_error: Some("the webhook was deleted".into()),
                         next_attempt_us: unix_micros(now),
                     }
-                }
+                };
+                (update, Reach::NotCalled)
             }
             Some(hook) if !hook.enabled => {
-                later(d, now, Duration::from_secs(60), "webhook disabled; held until enabled")
+                (later(d, now, Duration::from_secs(60), "webhook disabled; held until enabled"), Reach::NotCalled)
             }
             Some(hook) => {
                 let attempt = self.send(hook, &d.event_id, &d.event_type, &d.payload).await;
@@ -397,7 +558,17 @@ impl Deliverer {
                     attempt.retry_after,
                     Duration::from_secs(self.settings.max_backoff_s),
                 );
-                DeliveryUpdate {
+                // Any answer but 408/429/5xx means the receiver is there (a 4xx is the
+                // event's problem, not the receiver's).
+                let reach = match attempt.verdict() {
+                    AttemptVerdict::Retry => Reach::Down {
+                        retry_after: attempt.retry_after,
+                        status: attempt.status,
+                        error: error.clone().map(truncate).unwrap_or_default(),
+                    },
+                    _ => Reach::Up,
+                };
+                let update = DeliveryUpdate {
                     state: match verdict {
                         AttemptVerdict::Delivered => DeliveryState::Delivered,
                         AttemptVerdict::Retry => DeliveryState::Pending,
@@ -407,9 +578,72 @@ impl Deliverer {
                     last_status: attempt.status,
                     last_error: if verdict == AttemptVerdict::Delivered { None } else { error.map(truncate) },
                     next_attempt_us: unix_micros(time::OffsetDateTime::now_utc() + delay),
-                }
+                };
+                (update, reach)
             }
         }
+    }
+}
+
+/// Whether a call reached the webhook's receiver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reach {
+    /// It answered (2xx, or a status that is not worth retrying).
+    Up,
+    /// No usable answer (connect error, timeout, 408, 429, 5xx): its `Retry-After`,
+    /// status and error.
+    Down { retry_after: Option<Duration>, status: Option<u16>, error: String },
+    /// Not called (webhook unknown or disabled).
+    NotCalled,
+}
+
+/// A receiver's failure that started a cool-down.
+#[derive(Debug)]
+struct Failure {
+    hook: String,
+    status: Option<u16>,
+    error: String,
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// What the delivery loop knows of one webhook's receiver.
+#[derive(Debug, Default)]
+struct Health {
+    in_flight: usize,
+    /// Failed calls in a row.
+    failures: u32,
+    /// No calls before this (set after a failure).
+    cool_until: Option<Instant>,
+}
+
+impl Health {
+    /// How many calls this webhook may have in flight: its share of the slots, or one
+    /// probe after failures until a call gets through.
+    fn cap(&self, per_hook: usize) -> usize {
+        if self.failures > 0 {
+            1
+        } else {
+            per_hook
+        }
+    }
+
+    /// Whether the loop holds this webhook's rows back now.
+    fn held(&self, now: Instant, per_hook: usize) -> bool {
+        self.in_flight >= self.cap(per_hook) || self.cool_until.is_some_and(|t| t > now)
+    }
+}
+
+/// Unclaims a delivery, due again in `delay`, keeping its attempts and last result.
+fn hold(d: &Delivery, delay: Duration) -> DeliveryUpdate {
+    DeliveryUpdate {
+        state: DeliveryState::Pending,
+        attempts: d.attempts,
+        last_status: d.last_status,
+        last_error: d.last_error.clone(),
+        next_attempt_us: unix_micros(time::OffsetDateTime::now_utc() + delay),
     }
 }
 

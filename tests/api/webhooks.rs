@@ -1938,3 +1938,47 @@ async fn every_event_type_of_the_contract_is_accepted() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_receiver_is_probed_at_the_cool_down_pace_not_once_per_event_and_gets_everything_back() {
+    let api = posture_api().await;
+    // 503 until the test flips the switch, then 200.
+    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = healthy.clone();
+    let recv =
+        Receiver::start(move |_, _| if flag.load(Ordering::SeqCst) { Reply::status(200) } else { Reply::status(503) })
+            .await;
+    let app = start_app(&api).await;
+    create_webhook(&app, json!({"id": "flaky", "url": recv.url("/flaky"), "events": ["decision.denied"]})).await;
+    let mut decided = BTreeSet::new();
+    for i in 0..40 {
+        decided.insert(decision_id(&deny(&app, "payroll", &format!("u{i}")).await));
+    }
+    // Three seconds of outage. Retried once per event with 200 ms doubling, 40 events
+    // would make well over 100 calls; cooled down as one receiver, the first wave (at
+    // most half the slots, 16) and then one probe per cool-down (0.2, 0.4, 0.8, 1.6 s…):
+    // fewer than 30 calls in the time the events have attempts left.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = recv.hits_on("/flaky").len();
+    assert!(during >= 1, "the receiver was tried");
+    assert!(during < 30, "a failing receiver got {during} calls for 40 events: it is not cooled down as one");
+    let pending = deliveries(&app, "flaky").await;
+    assert_eq!(pending.len(), 40);
+    assert!(pending.iter().all(|d| d["state"] == "pending"), "nothing failed for good: {pending:?}");
+    // Each failed probe counts against the events then due, so their attempts still
+    // add up towards max_attempts (8) without a call each.
+    assert!(pending.iter().any(|d| d["attempts"].as_u64().unwrap() >= 2), "{pending:?}");
+    assert!(
+        pending.iter().filter(|d| d["attempts"].as_u64().unwrap() > 0).all(|d| d["last_status"] == 503),
+        "{pending:?}"
+    );
+
+    // The receiver comes back: the next probe gets through and every event follows.
+    healthy.store(true, Ordering::SeqCst);
+    wait_deliveries(&app, "flaky", "every event delivered after the receiver recovered", |items| {
+        items.len() == 40 && all_in_state(items, "delivered")
+    })
+    .await;
+    let got: BTreeSet<String> = detail_decision_ids(&recv.hits_on("/flaky"));
+    assert_eq!(got, decided);
+}
