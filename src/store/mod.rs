@@ -907,22 +907,25 @@ pub trait Store: Send + Sync + 'static {
         let _ = done;
         Err(outbox_unsupported())
     }
-    /// Counts one failed attempt against every pending, due and unclaimed delivery of
-    /// `webhook_id`, in one write: the delivery loop calls it when a probe of a failing
-    /// receiver fails, instead of sending each event to a receiver known to be down.
-    /// Each gets `last_status`/`last_error`, is due again after `base_us` doubled per
-    /// attempt it has made (at most `max_us`), and fails once it reaches `max_attempts`.
-    /// Returns how many rows it touched.
-    async fn fail_due_deliveries(
+    /// Holds back every pending, due and unclaimed delivery of `webhook_id` until
+    /// `until_us`, in one write, when its receiver is failing: they are not sent one by
+    /// one to a receiver known to be down, and a claim no longer has to pass over them.
+    /// Those created before `expire_before` (RFC 3339, as `created_at` is stored) have
+    /// waited longer than their whole retry schedule: they fail with `last_status` and
+    /// `expired_error`. The others keep their attempts and get `held_error`. Returns
+    /// how many rows it touched.
+    #[allow(clippy::too_many_arguments)]
+    async fn hold_due_deliveries(
         &self,
         webhook_id: &str,
         now_us: i64,
+        until_us: i64,
+        expire_before: &str,
         last_status: Option<u16>,
-        last_error: &str,
-        base_us: i64,
-        max_us: i64,
+        held_error: &str,
+        expired_error: &str,
     ) -> Result<u64, StoreError> {
-        let _ = (webhook_id, now_us, last_status, last_error, base_us, max_us);
+        let _ = (webhook_id, now_us, until_us, expire_before, last_status, held_error, expired_error);
         Err(outbox_unsupported())
     }
     /// Clears every claim held by `owner`; returns how many. Called at start: a restarted
@@ -1218,36 +1221,32 @@ pub(crate) mod outbox_conformance {
     }
 
     /// `release_claims` frees what one owner holds, nothing else.
-    /// A failed probe counts against every due, unclaimed row of its webhook at once.
-    pub(crate) async fn fail_due_counts_one_attempt_against_each_due_row(store: &dyn Store) {
-        store
-            .enqueue_events(&[event("down", "d1"), event("down", "d2"), event("down", "d3"), event("up", "u1")])
-            .await
-            .unwrap();
+    /// A failing receiver's due, unclaimed rows are held back in one write; old ones fail.
+    pub(crate) async fn hold_due_holds_back_and_expires_old_rows(store: &dyn Store) {
+        store.enqueue_events(&[event("down", "old"), event("down", "probe")]).await.unwrap();
+        let between = format_time(OffsetDateTime::now_utc());
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        store.enqueue_events(&[event("down", "new"), event("up", "u1")]).await.unwrap();
         let t = now_us();
-        // d1 is claimed (being probed): untouched.
         let probe = store.claim_deliveries_except("a", t, LEASE, 1, &[]).await.unwrap();
-        assert_eq!(keys(&probe), [key("down", "d1")]);
-        // d3 had 7 of its 8 attempts: this failure is its last.
-        let d3 = delivery(store, "down", "d3").await;
-        store.finish_delivery(d3.id, &update(DeliveryState::Pending, 7, Some(503), t)).await.unwrap();
-        let touched = store.fail_due_deliveries("down", t, None, "connection refused", 1_000_000, 60_000_000).await;
-        assert_eq!(touched.unwrap(), 2);
-        let d2 = delivery(store, "down", "d2").await;
-        assert_eq!(
-            (d2.state, d2.attempts, d2.last_status, d2.last_error.as_deref()),
-            (DeliveryState::Pending, 1, None, Some("connection refused"))
-        );
-        let due = unix_micros(parse_time(d2.next_attempt_at.as_deref().unwrap()).unwrap());
-        assert!((t + 1_000_000..t + 1_000_100).contains(&due), "due again after the base delay: {due} vs {t}");
-        let d3 = delivery(store, "down", "d3").await;
-        assert_eq!((d3.state, d3.attempts, d3.next_attempt_at), (DeliveryState::Failed, 8, None));
-        let d1 = delivery(store, "down", "d1").await;
-        assert_eq!((d1.state, d1.attempts), (DeliveryState::Pending, 0), "the claimed probe is left to its caller");
-        let u1 = delivery(store, "up", "u1").await;
-        assert_eq!((u1.state, u1.attempts), (DeliveryState::Pending, 0), "other webhooks are untouched");
-        // Later: not due yet, nothing to count.
-        assert_eq!(store.fail_due_deliveries("down", t + 1, None, "x", 1_000_000, 60_000_000).await.unwrap(), 0);
+        assert_eq!(keys(&probe), [key("down", "old")], "oldest due first");
+        let until = t + 5_000_000;
+        let touched = store.hold_due_deliveries("down", t, until, &between, None, "waiting", "gave up").await;
+        assert_eq!(touched.unwrap(), 2, "the claimed row is left to its caller; `up` is untouched");
+        let p = delivery(store, "down", "probe").await;
+        assert_eq!((p.state, p.attempts, p.last_error.as_deref()), (DeliveryState::Failed, 0, Some("gave up")));
+        let n = delivery(store, "down", "new").await;
+        assert_eq!((n.state, n.attempts, n.last_error.as_deref()), (DeliveryState::Pending, 0, Some("waiting")));
+        assert_eq!(unix_micros(parse_time(n.next_attempt_at.as_deref().unwrap()).unwrap()), until);
+        let u = delivery(store, "up", "u1").await;
+        assert_eq!((u.state, u.last_error), (DeliveryState::Pending, None));
+        // Held rows are not due before `until`; a claim meanwhile gets only `up`, and
+        // `new` is due again at `until`.
+        let claimed = store.claim_deliveries_except("b", until - 1, LEASE, 10, &[]).await.unwrap();
+        assert_eq!(keys(&claimed), [key("up", "u1")]);
+        let claimed = store.claim_deliveries_except("b", until, LEASE, 10, &[]).await.unwrap();
+        assert_eq!(keys(&claimed), [key("down", "new")]);
+        assert_eq!(store.hold_due_deliveries("down", t, until, &between, None, "w", "g").await.unwrap(), 0);
     }
 
     /// A claim can pass over the rows of given webhooks; they stay due for later claims.

@@ -1351,33 +1351,38 @@ impl Store for PgStore {
         })
     }
 
-    async fn fail_due_deliveries(
+    async fn hold_due_deliveries(
         &self,
         webhook_id: &str,
         now_us: i64,
+        until_us: i64,
+        expire_before: &str,
         last_status: Option<u16>,
-        last_error: &str,
-        base_us: i64,
-        max_us: i64,
+        held_error: &str,
+        expired_error: &str,
     ) -> Result<u64, StoreError> {
-        let (webhook_id, last_error) = (pg_text(webhook_id), pg_text(last_error));
+        let (webhook_id, expire_before) = (pg_text(webhook_id), pg_text(expire_before));
+        let (held_error, expired_error) = (pg_text(held_error), pg_text(expired_error));
         let status = last_status.map(i64::from);
         let now_text = format_time(super::from_unix_micros(now_us));
         with_conn!(self, WRITE_DEADLINE, |client| {
             let stmt = client
                 .prepare_cached(
-                    "UPDATE webhook_deliveries SET attempts = attempts + 1, last_status = $3, last_error = $4, \
-                     state = CASE WHEN attempts + 1 >= max_attempts THEN 'failed' ELSE 'pending' END, \
-                     next_attempt_us = CASE WHEN attempts + 1 >= max_attempts THEN next_attempt_us \
-                     ELSE $2 + LEAST($5::bigint << LEAST(attempts, 30)::int, $6::bigint) END, \
-                     updated_at = $7, updated_us = $2 \
+                    "UPDATE webhook_deliveries SET \
+                     state = CASE WHEN created_at < $4 THEN 'failed' ELSE 'pending' END, \
+                     last_status = CASE WHEN created_at < $4 THEN $5 ELSE last_status END, \
+                     last_error = CASE WHEN created_at < $4 THEN $7 ELSE $6 END, \
+                     next_attempt_us = $3, updated_at = $8, updated_us = $2 \
                      WHERE webhook_id = $1 AND state = 'pending' AND next_attempt_us <= $2 \
                      AND claimed_until_us <= $2",
                 )
                 .await
                 .map_err(pg_err)?;
             client
-                .execute(&stmt, &[&webhook_id, &now_us, &status, &last_error, &base_us, &max_us, &now_text])
+                .execute(
+                    &stmt,
+                    &[&webhook_id, &now_us, &until_us, &expire_before, &status, &held_error, &expired_error, &now_text],
+                )
                 .await
                 .map_err(pg_err)
         })
@@ -2157,9 +2162,9 @@ mod tests {
         }
 
         #[tokio::test]
-        async fn fail_due_counts_one_attempt_against_each_due_row() {
+        async fn hold_due_holds_back_and_expires_old_rows() {
             let db = TestDb::new().await;
-            conformance::fail_due_counts_one_attempt_against_each_due_row(&db.store("a").await).await;
+            conformance::hold_due_holds_back_and_expires_old_rows(&db.store("a").await).await;
         }
 
         #[tokio::test]

@@ -262,16 +262,19 @@ impl Store for SpoolingStore {
         self.inner.finish_deliveries(done).await
     }
 
-    async fn fail_due_deliveries(
+    async fn hold_due_deliveries(
         &self,
         webhook_id: &str,
         now_us: i64,
+        until_us: i64,
+        expire_before: &str,
         last_status: Option<u16>,
-        last_error: &str,
-        base_us: i64,
-        max_us: i64,
+        held_error: &str,
+        expired_error: &str,
     ) -> Result<u64, StoreError> {
-        self.inner.fail_due_deliveries(webhook_id, now_us, last_status, last_error, base_us, max_us).await
+        self.inner
+            .hold_due_deliveries(webhook_id, now_us, until_us, expire_before, last_status, held_error, expired_error)
+            .await
     }
 
     async fn release_claims(&self, owner: &str) -> Result<u64, StoreError> {

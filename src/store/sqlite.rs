@@ -1130,24 +1130,32 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn fail_due_deliveries(
+    async fn hold_due_deliveries(
         &self,
         webhook_id: &str,
         now_us: i64,
+        until_us: i64,
+        expire_before: &str,
         last_status: Option<u16>,
-        last_error: &str,
-        base_us: i64,
-        max_us: i64,
+        held_error: &str,
+        expired_error: &str,
     ) -> Result<u64, StoreError> {
-        let (webhook_id, last_error) = (webhook_id.to_string(), last_error.to_string());
-        let now_text = format_time(super::from_unix_micros(now_us));
+        let args = (
+            webhook_id.to_string(),
+            expire_before.to_string(),
+            held_error.to_string(),
+            expired_error.to_string(),
+            format_time(super::from_unix_micros(now_us)),
+        );
         let touched = self
             .write(move |conn| {
+                let (webhook_id, expire_before, held_error, expired_error, now_text) = &args;
                 conn.prepare_cached(
-                    "UPDATE webhook_deliveries SET attempts = attempts + 1, last_status = ?3, last_error = ?4, \
-                     state = CASE WHEN attempts + 1 >= max_attempts THEN 'failed' ELSE 'pending' END, \
-                     next_attempt_us = ?2 + MIN(?5 << MIN(attempts, 30), ?6), \
-                     updated_at = ?7, updated_us = ?2 \
+                    "UPDATE webhook_deliveries SET \
+                     state = CASE WHEN created_at < ?4 THEN 'failed' ELSE 'pending' END, \
+                     last_status = CASE WHEN created_at < ?4 THEN ?5 ELSE last_status END, \
+                     last_error = CASE WHEN created_at < ?4 THEN ?7 ELSE ?6 END, \
+                     next_attempt_us = ?3, updated_at = ?8, updated_us = ?2 \
                      WHERE webhook_id = ?1 AND state = 'pending' AND next_attempt_us <= ?2 \
                      AND claimed_until_us <= ?2",
                 )
@@ -1155,10 +1163,11 @@ impl Store for SqliteStore {
                     stmt.execute(params![
                         webhook_id,
                         now_us,
+                        until_us,
+                        expire_before,
                         last_status.map(i64::from),
-                        last_error,
-                        base_us,
-                        max_us,
+                        held_error,
+                        expired_error,
                         now_text
                     ])
                 })
@@ -1511,9 +1520,9 @@ mod tests {
         }
 
         #[tokio::test]
-        async fn fail_due_counts_one_attempt_against_each_due_row() {
+        async fn hold_due_holds_back_and_expires_old_rows() {
             let dir = tempfile::tempdir().unwrap();
-            conformance::fail_due_counts_one_attempt_against_each_due_row(&open(dir.path())).await;
+            conformance::hold_due_holds_back_and_expires_old_rows(&open(dir.path())).await;
         }
 
         #[tokio::test]

@@ -37,9 +37,8 @@ const LEASE_MARGIN: Duration = Duration::from_secs(30);
 const UNKNOWN_GRACE: Duration = Duration::from_secs(30);
 /// Rows claimed at once, per call slot.
 const CLAIM_FACTOR: usize = 4;
-/// A webhook may use at most 1/this of the call slots, so a hanging receiver cannot
-/// hold up the others.
-const PER_WEBHOOK_SHARE: usize = 2;
+/// After a claim that found less than it asked for, the next one waits this long.
+const CLAIM_PAUSE: Duration = Duration::from_millis(50);
 /// Longest pause of a failing webhook: a receiver that comes back is probed at least
 /// this often.
 const MAX_COOL_DOWN: Duration = Duration::from_secs(60);
@@ -281,7 +280,7 @@ impl Deliverer {
         }
         let poll = Duration::from_millis(self.settings.poll_ms);
         let slots = self.settings.concurrency;
-        let per_hook = (slots / PER_WEBHOOK_SHARE).max(1);
+        let per_hook = slots;
         // Results go to one writer that records them in batches: one commit for all
         // the calls that finished meanwhile, not one per event.
         let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -292,18 +291,19 @@ impl Deliverer {
         let mut backlog: VecDeque<(Delivery, Instant)> = VecDeque::new();
         let mut health: HashMap<String, Health> = HashMap::new();
         let mut last_depth = Instant::now() - poll;
+        let mut next_claim = Instant::now();
         loop {
             while let Some(joined) = in_flight.try_join_next() {
                 if let Ok((hook, reach)) = joined {
-                    if let Some(failure) = self.observe(&mut health, &hook, reach) {
-                        self.count_failure(&failure, &mut backlog, &done_tx).await;
+                    if let Some((failure, cool)) = self.observe(&mut health, &hook, reach) {
+                        self.hold_during_cool_down(&failure, cool, &mut backlog, &done_tx).await;
                     }
                 }
             }
             self.hold_back(&mut backlog, &health, &done_tx);
             self.dispatch(&mut backlog, &mut health, &mut in_flight, slots, per_hook, &done_tx);
             let mut more_due = false;
-            if in_flight.len() < slots && backlog.len() < slots * CLAIM_FACTOR {
+            if in_flight.len() < slots && backlog.len() < slots * CLAIM_FACTOR && Instant::now() >= next_claim {
                 // Nothing in the backlog can go: claim more, passing over the webhooks
                 // held back (cooling down, or at their share of the slots).
                 let now = Instant::now();
@@ -313,9 +313,18 @@ impl Deliverer {
                 match self.claim(want, &held).await {
                     Ok(deliveries) => {
                         more_due = deliveries.len() == want;
+                        if !more_due {
+                            // Nothing more is due (or only rows of webhooks held back):
+                            // new events are claimed after a short pause, not on every
+                            // wake-up, so a busy decision path never drives a claim each.
+                            next_claim = now + CLAIM_PAUSE;
+                        }
                         backlog.extend(deliveries.into_iter().map(|d| (d, now)));
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot read the webhook outbox; retrying"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the webhook outbox; retrying");
+                        next_claim = now + poll;
+                    }
                 }
                 self.dispatch(&mut backlog, &mut health, &mut in_flight, slots, per_hook, &done_tx);
             }
@@ -332,7 +341,9 @@ impl Deliverer {
             let now = Instant::now();
             let nap = health
                 .values()
-                .filter_map(|h| h.cool_until.filter(|t| *t > now))
+                .filter_map(|h| h.cool_until)
+                .chain([next_claim])
+                .filter(|t| *t > now)
                 .map(|t| t - now)
                 .fold(poll, Duration::min);
             tokio::select! {
@@ -340,8 +351,8 @@ impl Deliverer {
                 _ = tokio::time::sleep(nap) => {}
                 Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
                     if let Ok((hook, reach)) = joined {
-                        if let Some(failure) = self.observe(&mut health, &hook, reach) {
-                            self.count_failure(&failure, &mut backlog, &done_tx).await;
+                        if let Some((failure, cool)) = self.observe(&mut health, &hook, reach) {
+                            self.hold_during_cool_down(&failure, cool, &mut backlog, &done_tx).await;
                         }
                     }
                 }
@@ -353,11 +364,10 @@ impl Deliverer {
     /// cools the whole webhook down (base doubled per failure in a row, or the
     /// receiver's `Retry-After`), so a dead receiver is probed at that pace instead of
     /// once per pending event.
-    /// Returns the failure when it starts a cool-down: [`Deliverer::count_failure`]
-    /// then counts one failed attempt against every other due event of the webhook, so
-    /// they are not sent one by one to a receiver known to be down, yet each still
-    /// fails after its `max_attempts`, as it would have.
-    fn observe(&self, health: &mut HashMap<String, Health>, hook: &str, reach: Reach) -> Option<Failure> {
+    /// Returns the failure and the pause when it starts a cool-down:
+    /// [`Deliverer::hold_during_cool_down`] then holds the webhook's other due events
+    /// back, so they are not sent one by one to a receiver known to be down.
+    fn observe(&self, health: &mut HashMap<String, Health>, hook: &str, reach: Reach) -> Option<(Failure, Duration)> {
         let h = health.entry(hook.to_owned()).or_default();
         h.in_flight = h.in_flight.saturating_sub(1);
         let mut started = None;
@@ -369,10 +379,9 @@ impl Deliverer {
             Reach::Down { retry_after, status, error } => {
                 let now = Instant::now();
                 // Calls that were in flight together and fail together count once.
-                if h.cool_until.is_none_or(|t| t <= now) {
+                let starts = h.cool_until.is_none_or(|t| t <= now);
+                if starts {
                     h.failures = h.failures.saturating_add(1);
-                    let why = format!("{error} (the receiver failed; counted without a call of its own)");
-                    started = Some(Failure { hook: hook.to_owned(), status, error: why });
                 }
                 let pause = backoff(
                     h.failures,
@@ -381,6 +390,9 @@ impl Deliverer {
                     Duration::from_secs(self.settings.max_backoff_s).min(MAX_COOL_DOWN),
                 );
                 h.cool_until = h.cool_until.max(Some(now + pause));
+                if starts {
+                    started = Some((Failure { hook: hook.to_owned(), status, error }, pause));
+                }
             }
             Reach::NotCalled => {}
         }
@@ -390,41 +402,54 @@ impl Deliverer {
         started
     }
 
-    /// Counts a receiver's failure against the webhook's other due events: those in
-    /// the store in one write, those in this loop's backlog through the result writer.
-    async fn count_failure(
+    /// Holds back the webhook's other due events while its receiver cools down (those
+    /// in the store in one write, those in this loop's backlog through the result
+    /// writer), and fails those that have waited longer than their whole retry
+    /// schedule.
+    async fn hold_during_cool_down(
         &self,
         f: &Failure,
+        cool: Duration,
         backlog: &mut VecDeque<(Delivery, Instant)>,
         done: &tokio::sync::mpsc::UnboundedSender<(i64, DeliveryUpdate)>,
     ) {
-        let base = Duration::from_millis(self.settings.backoff_base_ms);
-        let max = Duration::from_secs(self.settings.max_backoff_s);
-        let at = unix_micros(time::OffsetDateTime::now_utc());
-        let (base_us, max_us) = (micros(base), micros(max));
-        match self.store.fail_due_deliveries(&f.hook, at, f.status, &f.error, base_us, max_us).await {
+        let Some(hook) = self.webhooks.current().hooks.get(&f.hook).cloned() else { return };
+        let now = time::OffsetDateTime::now_utc();
+        let schedule = (1..hook.max_attempts).fold(Duration::ZERO, |total, attempt| {
+            total
+                + backoff(
+                    attempt,
+                    Duration::from_millis(self.settings.backoff_base_ms),
+                    None,
+                    Duration::from_secs(self.settings.max_backoff_s),
+                )
+        });
+        let expire_before = crate::store::format_time(now - schedule);
+        let until = unix_micros(now + cool);
+        let held = format!("waiting: the receiver is failing ({})", f.error);
+        let expired = format!("gave up: the receiver kept failing for longer than the retry schedule ({})", f.error);
+        match self
+            .store
+            .hold_due_deliveries(&f.hook, unix_micros(now), until, &expire_before, f.status, &held, &expired)
+            .await
+        {
             Ok(0) => {}
-            Ok(n) => {
-                tracing::debug!(webhook = %f.hook, deliveries = n, "receiver down; a failed attempt counted against its due events")
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, webhook = %f.hook, "could not count a failed attempt against due events")
-            }
+            Ok(n) => tracing::debug!(webhook = %f.hook, deliveries = n, "receiver failing; its due events wait"),
+            Err(e) => tracing::warn!(error = %e, webhook = %f.hook, "could not hold back a failing webhook's events"),
         }
         backlog.retain(|(d, _)| {
             if d.webhook_id != f.hook {
                 return true;
             }
-            let attempts = d.attempts + 1;
-            let gave_up = attempts >= d.max_attempts;
+            let too_old = d.created_at.as_str() < expire_before.as_str();
             let update = DeliveryUpdate {
-                state: if gave_up { DeliveryState::Failed } else { DeliveryState::Pending },
-                attempts,
-                last_status: f.status,
-                last_error: Some(f.error.clone()),
-                next_attempt_us: unix_micros(time::OffsetDateTime::now_utc() + backoff(attempts, base, None, max)),
+                state: if too_old { DeliveryState::Failed } else { DeliveryState::Pending },
+                attempts: d.attempts,
+                last_status: if too_old { f.status } else { d.last_status },
+                last_error: Some(if too_old { expired.clone() } else { held.clone() }),
+                next_attempt_us: until,
             };
-            if gave_up {
+            if too_old {
                 self.metrics.deliveries.with_label_values(&[&f.hook, "failed"]).inc();
             }
             let _ = done.send((d.id, update));
@@ -605,10 +630,6 @@ struct Failure {
     error: String,
 }
 
-fn micros(d: Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
-}
-
 /// What the delivery loop knows of one webhook's receiver.
 #[derive(Debug, Default)]
 struct Health {
@@ -620,8 +641,8 @@ struct Health {
 }
 
 impl Health {
-    /// How many calls this webhook may have in flight: its share of the slots, or one
-    /// probe after failures until a call gets through.
+    /// How many calls this webhook may have in flight: all the slots, or one probe
+    /// after failures until a call gets through.
     fn cap(&self, per_hook: usize) -> usize {
         if self.failures > 0 {
             1

@@ -1955,9 +1955,8 @@ async fn a_failing_receiver_is_probed_at_the_cool_down_pace_not_once_per_event_a
         decided.insert(decision_id(&deny(&app, "payroll", &format!("u{i}")).await));
     }
     // Three seconds of outage. Retried once per event with 200 ms doubling, 40 events
-    // would make well over 100 calls; cooled down as one receiver, the first wave (at
-    // most half the slots, 16) and then one probe per cool-down (0.2, 0.4, 0.8, 1.6 s…):
-    // fewer than 30 calls in the time the events have attempts left.
+    // would make well over 100 calls; cooled down as one receiver, the first calls and
+    // then one probe per cool-down (0.2, 0.4, 0.8, 1.6 s…): far fewer.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let during = recv.hits_on("/flaky").len();
     assert!(during >= 1, "the receiver was tried");
@@ -1965,13 +1964,12 @@ async fn a_failing_receiver_is_probed_at_the_cool_down_pace_not_once_per_event_a
     let pending = deliveries(&app, "flaky").await;
     assert_eq!(pending.len(), 40);
     assert!(pending.iter().all(|d| d["state"] == "pending"), "nothing failed for good: {pending:?}");
-    // Each failed probe counts against the events then due, so their attempts still
-    // add up towards max_attempts (8) without a call each.
-    assert!(pending.iter().any(|d| d["attempts"].as_u64().unwrap() >= 2), "{pending:?}");
-    assert!(
-        pending.iter().filter(|d| d["attempts"].as_u64().unwrap() > 0).all(|d| d["last_status"] == 503),
-        "{pending:?}"
-    );
+    // Events that were not called wait, and say why.
+    let waiting: Vec<&Value> = pending.iter().filter(|d| d["attempts"] == 0).collect();
+    assert!(!waiting.is_empty(), "{pending:?}");
+    assert!(waiting.iter().all(|d| d["last_error"].as_str().is_some_and(|e| e.contains("HTTP 503"))), "{waiting:?}");
+    let attempts: u64 = pending.iter().map(|d| d["attempts"].as_u64().unwrap()).sum();
+    assert!(attempts <= during as u64, "{attempts} attempts recorded for {during} calls");
 
     // The receiver comes back: the next probe gets through and every event follows.
     healthy.store(true, Ordering::SeqCst);
