@@ -529,6 +529,23 @@ impl Registry {
             after: after.as_deref().map(Webhook::to_json),
         };
         self.store.commit(vec![change], vec![audit]).await?;
+        let outbox = match (action, &after) {
+            // Its pending events can no longer go anywhere.
+            (AuditAction::Delete, _) => {
+                let never = crate::store::HELD_UNTIL_US;
+                self.store.hold_due_deliveries(&id, i64::MAX, never, "z", None, "", "the webhook was deleted").await
+            }
+            // A changed webhook (a fixed URL, new credentials) gets what was held back
+            // while its receiver failed.
+            (AuditAction::Update, Some(_)) => {
+                let now = crate::store::unix_micros(time::OffsetDateTime::now_utc());
+                self.store.release_held_deliveries(Some(&id), now, None).await
+            }
+            _ => Ok(0),
+        };
+        if let Err(e) = outbox {
+            tracing::warn!(webhook = %id, error = %e, "could not update the webhook's pending deliveries");
+        }
         match after {
             Some(h) => guard.webhooks.insert(id, h),
             None => guard.webhooks.remove(&id),

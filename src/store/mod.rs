@@ -529,8 +529,9 @@ impl RawDelivery {
         let id = self.id;
         let corrupt = |what: &str| StoreError::Corrupt(format!("webhook delivery {id} has an invalid {what}"));
         let state = DeliveryState::parse(&self.state).ok_or_else(|| corrupt("state"))?;
-        let next_attempt_at =
-            (state == DeliveryState::Pending).then(|| format_time(from_unix_micros(self.next_attempt_us)));
+        // Held back while the receiver fails: no time is known (`last_error` says why).
+        let next_attempt_at = (state == DeliveryState::Pending && self.next_attempt_us < HELD_UNTIL_US)
+            .then(|| format_time(from_unix_micros(self.next_attempt_us)));
         Ok(Delivery {
             id,
             webhook_id: self.webhook_id,
@@ -824,6 +825,10 @@ pub fn activity_rule_ids(rules: &Value) -> Vec<String> {
 }
 
 /// The persistence interface of verdict.
+/// `next_attempt_us` of a delivery held back while its receiver fails: far beyond any
+/// real time, so claims never reach it, until [`Store::release_held_deliveries`].
+pub const HELD_UNTIL_US: i64 = i64::MAX / 2;
+
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Every stored rule/policy/webhook, secrets decrypted.
@@ -907,13 +912,26 @@ pub trait Store: Send + Sync + 'static {
         let _ = done;
         Err(outbox_unsupported())
     }
+    /// Makes deliveries held back by [`Store::hold_due_deliveries`] (due at or after
+    /// [`HELD_UNTIL_US`]) due at `now_us`: those of `webhook_id` (all webhooks when
+    /// `None`), the oldest `limit` of them (all when `None`). Returns how many.
+    async fn release_held_deliveries(
+        &self,
+        webhook_id: Option<&str>,
+        now_us: i64,
+        limit: Option<u32>,
+    ) -> Result<u64, StoreError> {
+        let _ = (webhook_id, now_us, limit);
+        Err(outbox_unsupported())
+    }
     /// Holds back every pending, due and unclaimed delivery of `webhook_id` until
     /// `until_us`, in one write, when its receiver is failing: they are not sent one by
     /// one to a receiver known to be down, and a claim no longer has to pass over them.
     /// Those created before `expire_before` (RFC 3339, as `created_at` is stored) have
     /// waited longer than their whole retry schedule: they fail with `last_status` and
-    /// `expired_error`. The others keep their attempts and get `held_error`. Returns
-    /// how many rows it touched.
+    /// `expired_error`, whether due or already held. The others keep their attempts and
+    /// get `held_error`. `until_us` is usually [`HELD_UNTIL_US`]: held until released.
+    /// Returns how many rows it touched.
     #[allow(clippy::too_many_arguments)]
     async fn hold_due_deliveries(
         &self,
@@ -1230,23 +1248,29 @@ pub(crate) mod outbox_conformance {
         let t = now_us();
         let probe = store.claim_deliveries_except("a", t, LEASE, 1, &[]).await.unwrap();
         assert_eq!(keys(&probe), [key("down", "old")], "oldest due first");
-        let until = t + 5_000_000;
-        let touched = store.hold_due_deliveries("down", t, until, &between, None, "waiting", "gave up").await;
+        let touched = store.hold_due_deliveries("down", t, HELD_UNTIL_US, &between, None, "waiting", "gave up").await;
         assert_eq!(touched.unwrap(), 2, "the claimed row is left to its caller; `up` is untouched");
         let p = delivery(store, "down", "probe").await;
         assert_eq!((p.state, p.attempts, p.last_error.as_deref()), (DeliveryState::Failed, 0, Some("gave up")));
         let n = delivery(store, "down", "new").await;
         assert_eq!((n.state, n.attempts, n.last_error.as_deref()), (DeliveryState::Pending, 0, Some("waiting")));
-        assert_eq!(unix_micros(parse_time(n.next_attempt_at.as_deref().unwrap()).unwrap()), until);
+        assert_eq!(n.next_attempt_at, None, "held: no time is known");
         let u = delivery(store, "up", "u1").await;
         assert_eq!((u.state, u.last_error), (DeliveryState::Pending, None));
-        // Held rows are not due before `until`; a claim meanwhile gets only `up`, and
-        // `new` is due again at `until`.
-        let claimed = store.claim_deliveries_except("b", until - 1, LEASE, 10, &[]).await.unwrap();
+        // Held rows are not due at any time; a claim meanwhile gets only `up`.
+        let claimed = store.claim_deliveries_except("b", t + 1, LEASE, 10, &[]).await.unwrap();
         assert_eq!(keys(&claimed), [key("up", "u1")]);
-        let claimed = store.claim_deliveries_except("b", until, LEASE, 10, &[]).await.unwrap();
-        assert_eq!(keys(&claimed), [key("down", "new")]);
-        assert_eq!(store.hold_due_deliveries("down", t, until, &between, None, "w", "g").await.unwrap(), 0);
+        assert_eq!(store.hold_due_deliveries("down", t, HELD_UNTIL_US, &between, None, "w", "g").await.unwrap(), 0);
+        // Released (one probe, then the rest), held rows are due again.
+        store.enqueue_events(&[event("down", "newer")]).await.unwrap();
+        store.hold_due_deliveries("down", now_us(), HELD_UNTIL_US, &between, None, "waiting", "x").await.unwrap();
+        assert_eq!(store.release_held_deliveries(Some("down"), t, Some(1)).await.unwrap(), 1);
+        let claimed = store.claim_deliveries_except("c", t, LEASE, 10, &[]).await.unwrap();
+        assert_eq!(keys(&claimed), [key("down", "new")], "the oldest held row first");
+        assert_eq!(store.release_held_deliveries(None, t, None).await.unwrap(), 1);
+        let claimed = store.claim_deliveries_except("c", t, LEASE, 10, &[]).await.unwrap();
+        assert_eq!(keys(&claimed), [key("down", "newer")]);
+        assert_eq!(store.release_held_deliveries(None, t, None).await.unwrap(), 0);
     }
 
     /// A claim can pass over the rows of given webhooks; they stay due for later claims.

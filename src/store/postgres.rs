@@ -1351,6 +1351,27 @@ impl Store for PgStore {
         })
     }
 
+    async fn release_held_deliveries(
+        &self,
+        webhook_id: Option<&str>,
+        now_us: i64,
+        limit: Option<u32>,
+    ) -> Result<u64, StoreError> {
+        let webhook_id = webhook_id.map(pg_text);
+        let limit = limit.map(i64::from);
+        with_conn!(self, WRITE_DEADLINE, |client| {
+            let stmt = client
+                .prepare_cached(
+                    "UPDATE webhook_deliveries SET next_attempt_us = $2 WHERE id IN \
+                     (SELECT id FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_us >= $3 \
+                      AND ($1::text IS NULL OR webhook_id = $1) ORDER BY id LIMIT $4)",
+                )
+                .await
+                .map_err(pg_err)?;
+            client.execute(&stmt, &[&webhook_id, &now_us, &super::HELD_UNTIL_US, &limit]).await.map_err(pg_err)
+        })
+    }
+
     async fn hold_due_deliveries(
         &self,
         webhook_id: &str,
@@ -1373,8 +1394,8 @@ impl Store for PgStore {
                      last_status = CASE WHEN created_at < $4 THEN $5 ELSE last_status END, \
                      last_error = CASE WHEN created_at < $4 THEN $7 ELSE $6 END, \
                      next_attempt_us = $3, updated_at = $8, updated_us = $2 \
-                     WHERE webhook_id = $1 AND state = 'pending' AND next_attempt_us <= $2 \
-                     AND claimed_until_us <= $2",
+                     WHERE webhook_id = $1 AND state = 'pending' AND claimed_until_us <= $2 \
+                     AND (next_attempt_us <= $2 OR created_at < $4)",
                 )
                 .await
                 .map_err(pg_err)?;

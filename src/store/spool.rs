@@ -262,6 +262,15 @@ impl Store for SpoolingStore {
         self.inner.finish_deliveries(done).await
     }
 
+    async fn release_held_deliveries(
+        &self,
+        webhook_id: Option<&str>,
+        now_us: i64,
+        limit: Option<u32>,
+    ) -> Result<u64, StoreError> {
+        self.inner.release_held_deliveries(webhook_id, now_us, limit).await
+    }
+
     async fn hold_due_deliveries(
         &self,
         webhook_id: &str,

@@ -1130,6 +1130,28 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn release_held_deliveries(
+        &self,
+        webhook_id: Option<&str>,
+        now_us: i64,
+        limit: Option<u32>,
+    ) -> Result<u64, StoreError> {
+        let webhook_id = webhook_id.map(str::to_string);
+        let limit = limit.map_or(-1, i64::from);
+        let released = self
+            .write(move |conn| {
+                conn.prepare_cached(
+                    "UPDATE webhook_deliveries SET next_attempt_us = ?2 WHERE id IN \
+                     (SELECT id FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_us >= ?3 \
+                      AND (?1 IS NULL OR webhook_id = ?1) ORDER BY id LIMIT ?4)",
+                )
+                .and_then(|mut stmt| stmt.execute(params![webhook_id, now_us, super::HELD_UNTIL_US, limit]))
+                .map_err(db_err)
+            })
+            .await?;
+        Ok(released as u64)
+    }
+
     async fn hold_due_deliveries(
         &self,
         webhook_id: &str,
@@ -1156,8 +1178,8 @@ impl Store for SqliteStore {
                      last_status = CASE WHEN created_at < ?4 THEN ?5 ELSE last_status END, \
                      last_error = CASE WHEN created_at < ?4 THEN ?7 ELSE ?6 END, \
                      next_attempt_us = ?3, updated_at = ?8, updated_us = ?2 \
-                     WHERE webhook_id = ?1 AND state = 'pending' AND next_attempt_us <= ?2 \
-                     AND claimed_until_us <= ?2",
+                     WHERE webhook_id = ?1 AND state = 'pending' AND claimed_until_us <= ?2 \
+                     AND (next_attempt_us <= ?2 OR created_at < ?4)",
                 )
                 .and_then(|mut stmt| {
                     stmt.execute(params![

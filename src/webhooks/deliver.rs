@@ -24,7 +24,9 @@ use crate::config::WebhookSettings;
 use crate::metrics::Metrics;
 use crate::outbound::{CallMode, Outbound};
 use crate::rule::{RenderedBody, RenderedRequest};
-use crate::store::{parse_time, unix_micros, Delivery, DeliveryState, DeliveryUpdate, Store, StoreError};
+use crate::store::{
+    parse_time, unix_micros, Delivery, DeliveryState, DeliveryUpdate, Store, StoreError, HELD_UNTIL_US,
+};
 
 /// How much of a receiver's answer a test call shows.
 const TEST_BODY_BYTES: usize = 4096;
@@ -278,6 +280,12 @@ impl Deliverer {
                 tracing::warn!(error = %e, "could not release this replica's earlier claims; they expire with their lease")
             }
         }
+        // Held rows wait for this loop's own knowledge of their receiver, which a
+        // restart lost: they are all tried again.
+        let at = unix_micros(time::OffsetDateTime::now_utc());
+        if let Err(e) = self.store.release_held_deliveries(None, at, None).await {
+            tracing::warn!(error = %e, "could not release webhook deliveries held at the last stop");
+        }
         let poll = Duration::from_millis(self.settings.poll_ms);
         let slots = self.settings.concurrency;
         let per_hook = slots;
@@ -295,12 +303,13 @@ impl Deliverer {
         loop {
             while let Some(joined) = in_flight.try_join_next() {
                 if let Ok((hook, reach)) = joined {
-                    if let Some((failure, cool)) = self.observe(&mut health, &hook, reach) {
-                        self.hold_during_cool_down(&failure, cool, &mut backlog, &done_tx).await;
+                    if let Some(turn) = self.observe(&mut health, &hook, reach) {
+                        self.turn(turn, &mut backlog, &done_tx).await;
                     }
                 }
             }
             self.hold_back(&mut backlog, &health, &done_tx);
+            self.release_probes(&mut health).await;
             self.dispatch(&mut backlog, &mut health, &mut in_flight, slots, per_hook, &done_tx);
             let mut more_due = false;
             if in_flight.len() < slots && backlog.len() < slots * CLAIM_FACTOR && Instant::now() >= next_claim {
@@ -351,8 +360,8 @@ impl Deliverer {
                 _ = tokio::time::sleep(nap) => {}
                 Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
                     if let Ok((hook, reach)) = joined {
-                        if let Some((failure, cool)) = self.observe(&mut health, &hook, reach) {
-                            self.hold_during_cool_down(&failure, cool, &mut backlog, &done_tx).await;
+                        if let Some(turn) = self.observe(&mut health, &hook, reach) {
+                            self.turn(turn, &mut backlog, &done_tx).await;
                         }
                     }
                 }
@@ -367,14 +376,18 @@ impl Deliverer {
     /// Returns the failure and the pause when it starts a cool-down:
     /// [`Deliverer::hold_during_cool_down`] then holds the webhook's other due events
     /// back, so they are not sent one by one to a receiver known to be down.
-    fn observe(&self, health: &mut HashMap<String, Health>, hook: &str, reach: Reach) -> Option<(Failure, Duration)> {
+    fn observe(&self, health: &mut HashMap<String, Health>, hook: &str, reach: Reach) -> Option<Turn> {
         let h = health.entry(hook.to_owned()).or_default();
         h.in_flight = h.in_flight.saturating_sub(1);
         let mut started = None;
         match reach {
             Reach::Up => {
+                if h.held {
+                    started = Some(Turn::Recovered(hook.to_owned()));
+                }
                 h.failures = 0;
                 h.cool_until = None;
+                h.held = false;
             }
             Reach::Down { retry_after, status, error } => {
                 let now = Instant::now();
@@ -391,7 +404,9 @@ impl Deliverer {
                 );
                 h.cool_until = h.cool_until.max(Some(now + pause));
                 if starts {
-                    started = Some((Failure { hook: hook.to_owned(), status, error }, pause));
+                    h.held = true;
+                    h.probe_released = false;
+                    started = Some(Turn::Failed(Failure { hook: hook.to_owned(), status, error }));
                 }
             }
             Reach::NotCalled => {}
@@ -402,14 +417,35 @@ impl Deliverer {
         started
     }
 
-    /// Holds back the webhook's other due events while its receiver cools down (those
-    /// in the store in one write, those in this loop's backlog through the result
-    /// writer), and fails those that have waited longer than their whole retry
-    /// schedule.
+    /// Applies what a finished call taught: a webhook that started failing has its
+    /// events held back; one that recovered has them released.
+    async fn turn(
+        &self,
+        turn: Turn,
+        backlog: &mut VecDeque<(Delivery, Instant)>,
+        done: &tokio::sync::mpsc::UnboundedSender<(i64, DeliveryUpdate)>,
+    ) {
+        match turn {
+            Turn::Failed(f) => self.hold_during_cool_down(&f, backlog, done).await,
+            Turn::Recovered(hook) => {
+                let now = unix_micros(time::OffsetDateTime::now_utc());
+                match self.store.release_held_deliveries(Some(&hook), now, None).await {
+                    Ok(n) => {
+                        tracing::info!(webhook = %hook, deliveries = n, "webhook receiver answers again; sending what waited")
+                    }
+                    Err(e) => tracing::warn!(error = %e, webhook = %hook, "could not release held deliveries"),
+                }
+            }
+        }
+    }
+
+    /// Holds back the webhook's other due events until its receiver answers again
+    /// (those in the store in one write, those in this loop's backlog through the
+    /// result writer), and fails those that have waited longer than their whole retry
+    /// schedule. A claim never meets held rows, so they cost nothing while they wait.
     async fn hold_during_cool_down(
         &self,
         f: &Failure,
-        cool: Duration,
         backlog: &mut VecDeque<(Delivery, Instant)>,
         done: &tokio::sync::mpsc::UnboundedSender<(i64, DeliveryUpdate)>,
     ) {
@@ -425,7 +461,7 @@ impl Deliverer {
                 )
         });
         let expire_before = crate::store::format_time(now - schedule);
-        let until = unix_micros(now + cool);
+        let until = HELD_UNTIL_US;
         let held = format!("waiting: the receiver is failing ({})", f.error);
         let expired = format!("gave up: the receiver kept failing for longer than the retry schedule ({})", f.error);
         match self
@@ -455,6 +491,21 @@ impl Deliverer {
             let _ = done.send((d.id, update));
             false
         });
+    }
+
+    /// For each failing webhook whose cool-down is over and that has nothing in
+    /// flight, makes its oldest held event due: that event is the probe.
+    async fn release_probes(&self, health: &mut HashMap<String, Health>) {
+        let now = Instant::now();
+        for (hook, h) in health.iter_mut() {
+            if h.held && !h.probe_released && h.in_flight == 0 && h.cool_until.is_none_or(|t| t <= now) {
+                let at = unix_micros(time::OffsetDateTime::now_utc());
+                match self.store.release_held_deliveries(Some(hook), at, Some(1)).await {
+                    Ok(_) => h.probe_released = true,
+                    Err(e) => tracing::warn!(error = %e, webhook = %hook, "could not release a probe"),
+                }
+            }
+        }
     }
 
     /// Hands back (unclaims, without counting an attempt) the backlog rows of webhooks
@@ -622,6 +673,15 @@ enum Reach {
     NotCalled,
 }
 
+/// What a finished call changes for its webhook.
+#[derive(Debug)]
+enum Turn {
+    /// It started failing: hold its events back.
+    Failed(Failure),
+    /// It answered after failing: release what was held.
+    Recovered(String),
+}
+
 /// A receiver's failure that started a cool-down.
 #[derive(Debug)]
 struct Failure {
@@ -638,6 +698,10 @@ struct Health {
     failures: u32,
     /// No calls before this (set after a failure).
     cool_until: Option<Instant>,
+    /// Its events are held back in the store (it is failing).
+    held: bool,
+    /// One held event was released as this cool-down's probe.
+    probe_released: bool,
 }
 
 impl Health {
