@@ -929,9 +929,8 @@ pub trait Store: Send + Sync + 'static {
     /// one to a receiver known to be down, and a claim no longer has to pass over them.
     /// Those created before `expire_before` (RFC 3339, as `created_at` is stored) have
     /// waited longer than their whole retry schedule: they fail with `last_status` and
-    /// `expired_error`, whether due or already held (an empty `expire_before` skips this
-    /// part, which reads all of the webhook's pending rows). The others keep their
-    /// attempts and get `held_error`. `until_us` is usually [`HELD_UNTIL_US`]: held until released.
+    /// `expired_error`, whether due or already held. The others keep their attempts and
+    /// get `held_error`. `until_us` is usually [`HELD_UNTIL_US`]: held until released.
     /// Returns how many rows it touched.
     #[allow(clippy::too_many_arguments)]
     async fn hold_due_deliveries(

@@ -1387,35 +1387,25 @@ impl Store for PgStore {
         let status = last_status.map(i64::from);
         let now_text = format_time(super::from_unix_micros(now_us));
         with_conn!(self, WRITE_DEADLINE, |client| {
-            let tx = client.transaction().await.map_err(pg_err)?;
-            // Giving up reads all of the webhook's pending rows: only when asked to.
-            let expired = if expire_before.is_empty() {
-                0
-            } else {
-                let stmt = tx
-                    .prepare_cached(
-                        "UPDATE webhook_deliveries SET state = 'failed', last_status = $3, last_error = $4, \
-                         updated_at = $5, updated_us = $6 \
-                         WHERE webhook_id = $1 AND state = 'pending' AND created_at < $2 AND claimed_until_us <= $6",
-                    )
-                    .await
-                    .map_err(pg_err)?;
-                tx.execute(&stmt, &[&webhook_id, &expire_before, &status, &expired_error, &now_text, &now_us])
-                    .await
-                    .map_err(pg_err)?
-            };
-            let stmt = tx
+            let stmt = client
                 .prepare_cached(
-                    "UPDATE webhook_deliveries SET next_attempt_us = $3, last_error = $4, updated_at = $5, \
-                     updated_us = $2 \
-                     WHERE state = 'pending' AND next_attempt_us <= $2 AND webhook_id = $1 AND claimed_until_us <= $2",
+                    "UPDATE webhook_deliveries SET \
+                     state = CASE WHEN created_at < $4 THEN 'failed' ELSE 'pending' END, \
+                     last_status = CASE WHEN created_at < $4 THEN $5 ELSE last_status END, \
+                     last_error = CASE WHEN created_at < $4 THEN $7 ELSE $6 END, \
+                     next_attempt_us = $3, updated_at = $8, updated_us = $2 \
+                     WHERE webhook_id = $1 AND state = 'pending' AND claimed_until_us <= $2 \
+                     AND (next_attempt_us <= $2 OR created_at < $4)",
                 )
                 .await
                 .map_err(pg_err)?;
-            let held =
-                tx.execute(&stmt, &[&webhook_id, &now_us, &until_us, &held_error, &now_text]).await.map_err(pg_err)?;
-            tx.commit().await.map_err(pg_err)?;
-            Ok(expired + held)
+            client
+                .execute(
+                    &stmt,
+                    &[&webhook_id, &now_us, &until_us, &expire_before, &status, &held_error, &expired_error, &now_text],
+                )
+                .await
+                .map_err(pg_err)
         })
     }
 

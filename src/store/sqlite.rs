@@ -1169,43 +1169,34 @@ impl Store for SqliteStore {
             expired_error.to_string(),
             format_time(super::from_unix_micros(now_us)),
         );
-        self.write(move |conn| {
-            let (webhook_id, expire_before, held_error, expired_error, now_text) = &args;
-            let tx = CachedTx::begin_immediate(conn)?;
-            // Giving up reads all of the webhook's pending rows: only when asked to.
-            let expired = if expire_before.is_empty() {
-                0
-            } else {
-                tx.prepare_cached(
-                    "UPDATE webhook_deliveries SET state = 'failed', last_status = ?3, last_error = ?4, \
-                     updated_at = ?5, updated_us = ?6 \
-                     WHERE webhook_id = ?1 AND state = 'pending' AND created_at < ?2 AND claimed_until_us <= ?6",
+        let touched = self
+            .write(move |conn| {
+                let (webhook_id, expire_before, held_error, expired_error, now_text) = &args;
+                conn.prepare_cached(
+                    "UPDATE webhook_deliveries SET \
+                     state = CASE WHEN created_at < ?4 THEN 'failed' ELSE 'pending' END, \
+                     last_status = CASE WHEN created_at < ?4 THEN ?5 ELSE last_status END, \
+                     last_error = CASE WHEN created_at < ?4 THEN ?7 ELSE ?6 END, \
+                     next_attempt_us = ?3, updated_at = ?8, updated_us = ?2 \
+                     WHERE webhook_id = ?1 AND state = 'pending' AND claimed_until_us <= ?2 \
+                     AND (next_attempt_us <= ?2 OR created_at < ?4)",
                 )
                 .and_then(|mut stmt| {
                     stmt.execute(params![
                         webhook_id,
+                        now_us,
+                        until_us,
                         expire_before,
                         last_status.map(i64::from),
+                        held_error,
                         expired_error,
-                        now_text,
-                        now_us
+                        now_text
                     ])
                 })
-                .map_err(db_err)?
-            };
-            // Holding reads only due rows (the partial due index).
-            let held = tx
-                .prepare_cached(
-                    "UPDATE webhook_deliveries SET next_attempt_us = ?3, last_error = ?4, updated_at = ?5, \
-                     updated_us = ?2 \
-                     WHERE state = 'pending' AND next_attempt_us <= ?2 AND webhook_id = ?1 AND claimed_until_us <= ?2",
-                )
-                .and_then(|mut stmt| stmt.execute(params![webhook_id, now_us, until_us, held_error, now_text]))
-                .map_err(db_err)?;
-            tx.commit()?;
-            Ok((expired + held) as u64)
-        })
-        .await
+                .map_err(db_err)
+            })
+            .await?;
+        Ok(touched as u64)
     }
 
     async fn release_claims(&self, owner: &str) -> Result<u64, StoreError> {

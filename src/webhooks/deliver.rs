@@ -39,8 +39,6 @@ const LEASE_MARGIN: Duration = Duration::from_secs(30);
 const UNKNOWN_GRACE: Duration = Duration::from_secs(30);
 /// Rows claimed at once, per call slot.
 const CLAIM_FACTOR: usize = 4;
-/// How often a failing webhook's waiting rows are checked against the give-up rule.
-const GIVE_UP_EVERY: Duration = Duration::from_secs(60);
 /// After a claim that found less than it asked for, the next one waits this long.
 const CLAIM_PAUSE: Duration = Duration::from_millis(50);
 /// Longest pause of a failing webhook: a receiver that comes back is probed at least
@@ -179,8 +177,6 @@ pub struct Deliverer {
     settings: WebhookSettings,
     owner: String,
     metrics: DeliveryMetrics,
-    /// When each failing webhook's waiting rows were last checked against the give-up rule.
-    gave_up_at: std::sync::Mutex<HashMap<String, Instant>>,
 }
 
 impl Deliverer {
@@ -200,7 +196,6 @@ impl Deliverer {
             settings,
             owner: owner.to_owned(),
             metrics: DeliveryMetrics::new(metrics),
-            gave_up_at: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -465,18 +460,7 @@ impl Deliverer {
                     Duration::from_secs(self.settings.max_backoff_s),
                 )
         });
-        // The give-up rule reads all of the webhook's waiting rows: at most once a
-        // minute per webhook (or once per schedule, if shorter), so an event may fail
-        // up to that long after its schedule ran out.
-        let give_up_due = {
-            let mut last = self.gave_up_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let due = last.get(&f.hook).is_none_or(|t| t.elapsed() >= GIVE_UP_EVERY.min(schedule));
-            if due {
-                last.insert(f.hook.clone(), Instant::now());
-            }
-            due
-        };
-        let expire_before = if give_up_due { crate::store::format_time(now - schedule) } else { String::new() };
+        let expire_before = crate::store::format_time(now - schedule);
         let until = HELD_UNTIL_US;
         let held = format!("waiting: the receiver is failing ({})", f.error);
         let expired = format!("gave up: the receiver kept failing for longer than the retry schedule ({})", f.error);
@@ -493,7 +477,7 @@ impl Deliverer {
             if d.webhook_id != f.hook {
                 return true;
             }
-            let too_old = give_up_due && d.created_at.as_str() < expire_before.as_str();
+            let too_old = d.created_at.as_str() < expire_before.as_str();
             let update = DeliveryUpdate {
                 state: if too_old { DeliveryState::Failed } else { DeliveryState::Pending },
                 attempts: d.attempts,
