@@ -1063,6 +1063,24 @@ mod tests {
 
 /// The webhook outbox's contract, written once and run against every store (each store's
 /// tests call these with a fresh, empty store of their own).
+/// One `#[tokio::test]` per shared check that needs nothing but a store: `$fresh` is
+/// an async fn of the calling module returning (what must live as long as the store,
+/// the store).
+#[cfg(test)]
+macro_rules! store_checks {
+    ($module:ident; $fresh:ident; $($name:ident),+ $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let (_keep, store) = $fresh().await;
+                $module::$name(&store).await;
+            }
+        )+
+    };
+}
+#[cfg(test)]
+pub(crate) use store_checks;
+
 #[cfg(test)]
 pub(crate) mod outbox_conformance {
     use std::future::Future;

@@ -2151,6 +2151,15 @@ mod tests {
         use super::*;
         use crate::store::outbox_conformance as conformance;
 
+        async fn fresh() -> (TestDb, PgStore) {
+            let db = TestDb::new().await;
+            let store = db.store("a").await;
+            (db, store)
+        }
+
+        crate::store::store_checks!(conformance; fresh;
+             claims_lease_and_finish, hold_due_holds_back_and_expires_old_rows, claims_pass_over_excepted_webhooks, release_claims_frees_rows, listing_get_and_retry, depth_counts_pending_only, audit_hook_events_commit_with_the_entry);
+
         #[tokio::test]
         async fn activity_batches_write_their_events_once() {
             let db = TestDb::new().await;
@@ -2174,48 +2183,6 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1), row.get::<_, i64>(2)), (6, 1, 1));
-        }
-
-        #[tokio::test]
-        async fn claims_lease_and_finish() {
-            let db = TestDb::new().await;
-            conformance::claims_lease_and_finish(&db.store("a").await).await;
-        }
-
-        #[tokio::test]
-        async fn hold_due_holds_back_and_expires_old_rows() {
-            let db = TestDb::new().await;
-            conformance::hold_due_holds_back_and_expires_old_rows(&db.store("a").await).await;
-        }
-
-        #[tokio::test]
-        async fn claims_pass_over_excepted_webhooks() {
-            let db = TestDb::new().await;
-            conformance::claims_pass_over_excepted_webhooks(&db.store("a").await).await;
-        }
-
-        #[tokio::test]
-        async fn release_claims_frees_rows() {
-            let db = TestDb::new().await;
-            conformance::release_claims_frees_rows(&db.store("a").await).await;
-        }
-
-        #[tokio::test]
-        async fn listing_get_and_retry() {
-            let db = TestDb::new().await;
-            conformance::listing_get_and_retry(&db.store("a").await).await;
-        }
-
-        #[tokio::test]
-        async fn depth_counts_pending_only() {
-            let db = TestDb::new().await;
-            conformance::depth_counts_pending_only(&db.store("a").await).await;
-        }
-
-        #[tokio::test]
-        async fn audit_hook_events_commit_with_the_entry() {
-            let db = TestDb::new().await;
-            conformance::audit_hook_events_commit_with_the_entry(&db.store("a").await).await;
         }
 
         #[tokio::test]

@@ -1529,53 +1529,14 @@ mod tests {
         use super::*;
         use crate::store::outbox_conformance as conformance;
 
-        #[tokio::test]
-        async fn activity_batches_write_their_events_once() {
+        async fn fresh() -> (tempfile::TempDir, SqliteStore) {
             let dir = tempfile::tempdir().unwrap();
-            conformance::activity_batches_write_their_events_once(&open(dir.path())).await;
+            let store = open(dir.path());
+            (dir, store)
         }
 
-        #[tokio::test]
-        async fn claims_lease_and_finish() {
-            let dir = tempfile::tempdir().unwrap();
-            conformance::claims_lease_and_finish(&open(dir.path())).await;
-        }
-
-        #[tokio::test]
-        async fn hold_due_holds_back_and_expires_old_rows() {
-            let dir = tempfile::tempdir().unwrap();
-            conformance::hold_due_holds_back_and_expires_old_rows(&open(dir.path())).await;
-        }
-
-        #[tokio::test]
-        async fn claims_pass_over_excepted_webhooks() {
-            let dir = tempfile::tempdir().unwrap();
-            conformance::claims_pass_over_excepted_webhooks(&open(dir.path())).await;
-        }
-
-        #[tokio::test]
-        async fn release_claims_frees_rows() {
-            let dir = tempfile::tempdir().unwrap();
-            conformance::release_claims_frees_rows(&open(dir.path())).await;
-        }
-
-        #[tokio::test]
-        async fn listing_get_and_retry() {
-            let dir = tempfile::tempdir().unwrap();
-            conformance::listing_get_and_retry(&open(dir.path())).await;
-        }
-
-        #[tokio::test]
-        async fn depth_counts_pending_only() {
-            let dir = tempfile::tempdir().unwrap();
-            conformance::depth_counts_pending_only(&open(dir.path())).await;
-        }
-
-        #[tokio::test]
-        async fn audit_hook_events_commit_with_the_entry() {
-            let dir = tempfile::tempdir().unwrap();
-            conformance::audit_hook_events_commit_with_the_entry(&open(dir.path())).await;
-        }
+        crate::store::store_checks!(conformance; fresh;
+            activity_batches_write_their_events_once, claims_lease_and_finish, hold_due_holds_back_and_expires_old_rows, claims_pass_over_excepted_webhooks, release_claims_frees_rows, listing_get_and_retry, depth_counts_pending_only, audit_hook_events_commit_with_the_entry);
 
         #[tokio::test]
         async fn a_failing_outbox_insert_fails_the_whole_write() {
