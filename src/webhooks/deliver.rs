@@ -288,7 +288,6 @@ impl Deliverer {
         }
         let poll = Duration::from_millis(self.settings.poll_ms);
         let slots = self.settings.concurrency;
-        let per_hook = slots;
         // Results go to one writer that records them in batches: one commit for all
         // the calls that finished meanwhile, not one per event.
         let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -308,16 +307,16 @@ impl Deliverer {
                     }
                 }
             }
-            self.hold_back(&mut backlog, &health, &done_tx);
+            self.hand_back_stale(&mut backlog, &done_tx);
             self.release_probes(&mut health).await;
-            self.dispatch(&mut backlog, &mut health, &mut in_flight, slots, per_hook, &done_tx);
+            self.dispatch(&mut backlog, &mut health, &mut in_flight, slots, &done_tx);
             let mut more_due = false;
             if in_flight.len() < slots && backlog.len() < slots * CLAIM_FACTOR && Instant::now() >= next_claim {
                 // Nothing in the backlog can go: claim more, passing over the webhooks
-                // held back (cooling down, or at their share of the slots).
+                // held back (cooling down, or probing).
                 let now = Instant::now();
                 let held: Vec<String> =
-                    health.iter().filter(|(_, h)| h.held(now, per_hook)).map(|(id, _)| id.clone()).collect();
+                    health.iter().filter(|(_, h)| h.paused(now)).map(|(id, _)| id.clone()).collect();
                 let want = slots * CLAIM_FACTOR - backlog.len();
                 match self.claim(want, &held).await {
                     Ok(deliveries) => {
@@ -335,7 +334,7 @@ impl Deliverer {
                         next_claim = now + poll;
                     }
                 }
-                self.dispatch(&mut backlog, &mut health, &mut in_flight, slots, per_hook, &done_tx);
+                self.dispatch(&mut backlog, &mut health, &mut in_flight, slots, &done_tx);
             }
             if last_depth.elapsed() >= poll {
                 last_depth = Instant::now();
@@ -508,42 +507,37 @@ impl Deliverer {
         }
     }
 
-    /// Hands back (unclaims, without counting an attempt) the backlog rows of webhooks
-    /// that are cooling down, and rows waiting so long that their lease could run out.
-    fn hold_back(
+    /// Hands back (unclaims, due now, without counting an attempt) backlog rows that
+    /// waited so long for a slot that their lease could run out. (Rows of a webhook that
+    /// starts cooling down leave the backlog in [`Deliverer::hold_during_cool_down`].)
+    fn hand_back_stale(
         &self,
         backlog: &mut VecDeque<(Delivery, Instant)>,
-        health: &HashMap<String, Health>,
         done: &tokio::sync::mpsc::UnboundedSender<(i64, DeliveryUpdate)>,
     ) {
-        let now = Instant::now();
         let stale = (Duration::from_millis(crate::rule::MAX_TIMEOUT_MS) + LEASE_MARGIN) / 2;
         backlog.retain(|(d, claimed)| {
-            let cooling = health.get(&d.webhook_id).and_then(|h| h.cool_until).filter(|t| *t > now);
-            let until = match cooling {
-                Some(t) => t - now,
-                None if claimed.elapsed() > stale => Duration::ZERO,
-                None => return true,
-            };
-            let _ = done.send((d.id, hold(d, until)));
+            if claimed.elapsed() <= stale {
+                return true;
+            }
+            let _ = done.send((d.id, hold(d, Duration::ZERO)));
             false
         });
     }
 
-    /// Starts calls for backlog rows while slots are free, each webhook within its share.
+    /// Starts calls for backlog rows while slots are free, except for paused webhooks.
     fn dispatch(
         self: &Arc<Self>,
         backlog: &mut VecDeque<(Delivery, Instant)>,
         health: &mut HashMap<String, Health>,
         in_flight: &mut JoinSet<(String, Reach)>,
         slots: usize,
-        per_hook: usize,
         done: &tokio::sync::mpsc::UnboundedSender<(i64, DeliveryUpdate)>,
     ) {
         let mut i = 0;
         while in_flight.len() < slots && i < backlog.len() {
             let h = health.entry(backlog[i].0.webhook_id.clone()).or_default();
-            if h.held(Instant::now(), per_hook) {
+            if h.paused(Instant::now()) {
                 i += 1;
                 continue;
             }
@@ -705,19 +699,10 @@ struct Health {
 }
 
 impl Health {
-    /// How many calls this webhook may have in flight: all the slots, or one probe
-    /// after failures until a call gets through.
-    fn cap(&self, per_hook: usize) -> usize {
-        if self.failures > 0 {
-            1
-        } else {
-            per_hook
-        }
-    }
-
-    /// Whether the loop holds this webhook's rows back now.
-    fn held(&self, now: Instant, per_hook: usize) -> bool {
-        self.in_flight >= self.cap(per_hook) || self.cool_until.is_some_and(|t| t > now)
+    /// Whether the loop holds this webhook's rows back now: it is cooling down, or it
+    /// is failing and its one probe is in flight.
+    fn paused(&self, now: Instant) -> bool {
+        (self.failures > 0 && self.in_flight > 0) || self.cool_until.is_some_and(|t| t > now)
     }
 }
 

@@ -535,11 +535,12 @@ impl Webhooks {
             resources.extend(record.rule_ids.iter().map(|r| format!("rule:{r}")));
             self.push(&mut out, kind, &hooks, resources, &detail);
         }
-        for rule in rules.iter().filter(|r| r.outcome == Outcome::Error) {
-            let hooks: Vec<&Arc<Webhook>> = set.subscribers(EventType::RuleFailed, app).collect();
-            if hooks.is_empty() {
-                break;
-            }
+        let failed_hooks: Vec<&Arc<Webhook>> = if rules.iter().any(|r| r.outcome == Outcome::Error) {
+            set.subscribers(EventType::RuleFailed, app).collect()
+        } else {
+            Vec::new()
+        };
+        for rule in rules.iter().filter(|r| r.outcome == Outcome::Error && !failed_hooks.is_empty()) {
             let detail = RuleFailedDetail {
                 decision_id: &record.decision_id,
                 application: &record.application,
@@ -557,7 +558,7 @@ impl Webhooks {
                 format!("rule:{}", rule.rule_id),
                 format!("policy:{}", rule.policy_id),
             ];
-            self.push(&mut out, EventType::RuleFailed, &hooks, resources, &detail);
+            self.push(&mut out, EventType::RuleFailed, &failed_hooks, resources, &detail);
         }
         out
     }
