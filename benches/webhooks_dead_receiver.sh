@@ -336,7 +336,7 @@ mkdir -p "$(dirname "$RESULTS")"
   echo
   echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- src 2>/dev/null || echo ' + uncommitted changes in src/')"
   echo "- machine: $(nproc) cores, shared by wrk, nginx, the receivers, verdict and whatever else runs; load average before \`${LOAD_BEFORE##*average: }\`, after \`${LOAD_AFTER##*average: }\` (1, 5, 15 min)"
-  echo "- wrk -t$THREADS -c$CONNECTIONS --latency, POST /v1/decisions (benches/webhooks/deny.lua): every answer a 200 deny (checked); verdict release build, SQLite, default config (webhook worker poll_ms 1000, concurrency 16, backoff 1 s doubling)"
+  echo "- wrk -t$THREADS -c$CONNECTIONS --latency, POST /v1/decisions (benches/webhooks/deny.lua): every answer a 200 deny (checked); verdict release build, SQLite, default config (webhook worker poll_ms 1000, concurrency 32, backoff 1 s doubling)"
   echo "- dead: \`{\"id\":\"dead\",\"url\":\"http://127.0.0.1:<closed>/hook\",\"events\":[\"decision.denied\"],\"max_attempts\":8}\`; test call: \`$DEAD_TEST\`"
   echo "- hang: \`{$HANG_SPEC,\"url\":\"http://127.0.0.1:<hanging>/hook\"}\` (python asyncio server that reads and never answers; \"dead\" deleted just before); test call: \`$HANG_TEST\`"
   echo

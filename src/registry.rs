@@ -529,28 +529,22 @@ impl Registry {
             after: after.as_deref().map(Webhook::to_json),
         };
         self.store.commit(vec![change], vec![audit]).await?;
-        let outbox = match (action, &after) {
-            // Its pending events can no longer go anywhere.
-            (AuditAction::Delete, _) => {
-                let never = crate::store::HELD_UNTIL_US;
-                self.store.hold_due_deliveries(&id, i64::MAX, never, "z", None, "", "the webhook was deleted").await
-            }
-            // A changed webhook (a fixed URL, new credentials) gets what was held back
-            // while its receiver failed.
-            (AuditAction::Update, Some(_)) => {
-                let now = crate::store::unix_micros(time::OffsetDateTime::now_utc());
-                self.store.release_held_deliveries(Some(&id), now, None).await
-            }
-            _ => Ok(0),
-        };
-        if let Err(e) = outbox {
-            tracing::warn!(webhook = %id, error = %e, "could not update the webhook's pending deliveries");
-        }
         match after {
-            Some(h) => guard.webhooks.insert(id, h),
+            Some(h) => guard.webhooks.insert(id.clone(), h),
             None => guard.webhooks.remove(&id),
         };
         self.webhooks.replace(guard.webhooks.clone());
+        if action == AuditAction::Delete {
+            // Its pending events can no longer go anywhere (and, the set replaced, no new
+            // ones are written for it). In short writes, under the registry lock, so a
+            // webhook re-created with this id does not lose its first events.
+            let error = "the webhook was deleted";
+            if let Err(e) =
+                crate::store::fail_pending_in_chunks(&*self.store, &id, i64::MAX, i64::MAX, None, error).await
+            {
+                tracing::warn!(webhook = %id, error = %e, "could not fail the deleted webhook's pending deliveries");
+            }
+        }
         Ok(())
     }
 }

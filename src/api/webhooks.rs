@@ -253,7 +253,20 @@ pub async fn list_deliveries(
     require(&req, &state, READERS)?;
     let page = page_params(&req)?;
     find(&state, &id)?;
-    let listing = state.store.list_deliveries(&id, &page).await.map_err(|e| store_error(e, "listing deliveries"))?;
+    let mut listing =
+        state.store.list_deliveries(&id, &page).await.map_err(|e| store_error(e, "listing deliveries"))?;
+    // Events waiting while the receiver fails are not rewritten (that would cost a
+    // write per event per failure): those not tried yet say why they wait here.
+    if let Some(failing) = state.webhooks.failing(&id) {
+        let why = format!(
+            "waiting: the receiver is failing ({}); next probe at {}",
+            failing.error,
+            crate::store::format_time(failing.next_probe)
+        );
+        for d in listing.items.iter_mut().filter(|d| d.state == DeliveryState::Pending && d.last_error.is_none()) {
+            d.last_error = Some(why.clone());
+        }
+    }
     Ok(HttpResponse::Ok().json(listing))
 }
 

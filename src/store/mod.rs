@@ -529,9 +529,8 @@ impl RawDelivery {
         let id = self.id;
         let corrupt = |what: &str| StoreError::Corrupt(format!("webhook delivery {id} has an invalid {what}"));
         let state = DeliveryState::parse(&self.state).ok_or_else(|| corrupt("state"))?;
-        // Held back while the receiver fails: no time is known (`last_error` says why).
-        let next_attempt_at = (state == DeliveryState::Pending && self.next_attempt_us < HELD_UNTIL_US)
-            .then(|| format_time(from_unix_micros(self.next_attempt_us)));
+        let next_attempt_at =
+            (state == DeliveryState::Pending).then(|| format_time(from_unix_micros(self.next_attempt_us)));
         Ok(Delivery {
             id,
             webhook_id: self.webhook_id,
@@ -825,10 +824,6 @@ pub fn activity_rule_ids(rules: &Value) -> Vec<String> {
 }
 
 /// The persistence interface of verdict.
-/// `next_attempt_us` of a delivery held back while its receiver fails: far beyond any
-/// real time, so claims never reach it, until [`Store::release_held_deliveries`].
-pub const HELD_UNTIL_US: i64 = i64::MAX / 2;
-
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Every stored rule/policy/webhook, secrets decrypted.
@@ -873,31 +868,46 @@ pub trait Store: Send + Sync + 'static {
         let _ = events;
         Err(outbox_unsupported())
     }
-    /// Claims up to `limit` pending deliveries due at `now_us` and not claimed
-    /// (`claimed_until_us <= now_us`: a lease that ran out is free again), oldest due
-    /// first, marking them claimed by `owner` until `now_us + lease_us`. Two claims at
-    /// once (two replicas) never get the same row.
+    /// Claims pending deliveries due at `now_us` and not claimed (`claimed_until_us <=
+    /// now_us`: a lease that ran out is free again): of each webhook in `wants`, at most
+    /// its count, oldest due first, marking them claimed by `owner` until
+    /// `now_us + lease_us`. Returned oldest due first. Webhooks not named are not
+    /// touched and their rows not read, so a webhook the delivery loop holds back (its
+    /// receiver failing) costs a claim nothing, however many of its events wait. Two
+    /// claims at once (two replicas) never get the same row.
     async fn claim_deliveries(
         &self,
         owner: &str,
         now_us: i64,
         lease_us: i64,
-        limit: usize,
+        wants: &[(String, usize)],
     ) -> Result<Vec<Delivery>, StoreError> {
-        self.claim_deliveries_except(owner, now_us, lease_us, limit, &[]).await
+        let _ = (owner, now_us, lease_us, wants);
+        Err(outbox_unsupported())
     }
-    /// [`Store::claim_deliveries`] passing over the rows of the webhooks in `except`
-    /// (those the delivery loop is holding back: cooling down after failures, or at
-    /// their limit of calls in flight), so they cost no write while they wait.
-    async fn claim_deliveries_except(
+    /// The webhooks that have pending deliveries, each once, in id order (one index
+    /// seek per webhook, not a scan of its rows). The delivery loop uses it to find
+    /// events of webhooks it does not know (deleted while it was down).
+    async fn pending_webhooks(&self) -> Result<Vec<String>, StoreError> {
+        Err(outbox_unsupported())
+    }
+    /// Fails up to `limit` pending deliveries of `webhook_id` that have been due since
+    /// before `due_before_us` and are not claimed at `now_us`, oldest due first, with
+    /// `error` (and `last_status` when given), in one short write; returns how many.
+    /// Callers repeat while a full `limit` comes back, so a large backlog never holds
+    /// the writer long. Used for the give-up rule (events overdue by more than their
+    /// whole retry schedule while the receiver fails) and for a deleted webhook.
+    #[allow(clippy::too_many_arguments)]
+    async fn fail_pending_deliveries(
         &self,
-        owner: &str,
+        webhook_id: &str,
         now_us: i64,
-        lease_us: i64,
-        limit: usize,
-        except: &[String],
-    ) -> Result<Vec<Delivery>, StoreError> {
-        let _ = (owner, now_us, lease_us, limit, except);
+        due_before_us: i64,
+        last_status: Option<u16>,
+        error: &str,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        let _ = (webhook_id, now_us, due_before_us, last_status, error, limit);
         Err(outbox_unsupported())
     }
     /// Records an attempt's result (or a manual state change) and clears the claim. A
@@ -910,40 +920,6 @@ pub trait Store: Send + Sync + 'static {
     /// rather than one per event.
     async fn finish_deliveries(&self, done: &[(i64, DeliveryUpdate)]) -> Result<(), StoreError> {
         let _ = done;
-        Err(outbox_unsupported())
-    }
-    /// Makes deliveries held back by [`Store::hold_due_deliveries`] (due at or after
-    /// [`HELD_UNTIL_US`]) due at `now_us`: those of `webhook_id` (all webhooks when
-    /// `None`), the oldest `limit` of them (all when `None`). Returns how many.
-    async fn release_held_deliveries(
-        &self,
-        webhook_id: Option<&str>,
-        now_us: i64,
-        limit: Option<u32>,
-    ) -> Result<u64, StoreError> {
-        let _ = (webhook_id, now_us, limit);
-        Err(outbox_unsupported())
-    }
-    /// Holds back every pending, due and unclaimed delivery of `webhook_id` until
-    /// `until_us`, in one write, when its receiver is failing: they are not sent one by
-    /// one to a receiver known to be down, and a claim no longer has to pass over them.
-    /// Those created before `expire_before` (RFC 3339, as `created_at` is stored) have
-    /// waited longer than their whole retry schedule: they fail with `last_status` and
-    /// `expired_error`, whether due or already held. The others keep their attempts and
-    /// get `held_error`. `until_us` is usually [`HELD_UNTIL_US`]: held until released.
-    /// Returns how many rows it touched.
-    #[allow(clippy::too_many_arguments)]
-    async fn hold_due_deliveries(
-        &self,
-        webhook_id: &str,
-        now_us: i64,
-        until_us: i64,
-        expire_before: &str,
-        last_status: Option<u16>,
-        held_error: &str,
-        expired_error: &str,
-    ) -> Result<u64, StoreError> {
-        let _ = (webhook_id, now_us, until_us, expire_before, last_status, held_error, expired_error);
         Err(outbox_unsupported())
     }
     /// Clears every claim held by `owner`; returns how many. Called at start: a restarted
@@ -985,6 +961,32 @@ pub trait Store: Send + Sync + 'static {
     /// hook. The default (a store without an outbox) ignores it.
     fn set_audit_hook(&self, hook: AuditHook) {
         let _ = hook;
+    }
+}
+
+/// Rows one [`Store::fail_pending_deliveries`] write fails at most.
+pub const FAIL_CHUNK: u32 = 2000;
+
+/// [`Store::fail_pending_deliveries`] repeated until no full chunk comes back: fails
+/// every matching row in writes of [`FAIL_CHUNK`], yielding between them so decisions
+/// sharing the writer go in between. Returns how many rows failed.
+pub async fn fail_pending_in_chunks(
+    store: &dyn Store,
+    webhook_id: &str,
+    now_us: i64,
+    due_before_us: i64,
+    last_status: Option<u16>,
+    error: &str,
+) -> Result<u64, StoreError> {
+    let mut total = 0;
+    loop {
+        let n =
+            store.fail_pending_deliveries(webhook_id, now_us, due_before_us, last_status, error, FAIL_CHUNK).await?;
+        total += n;
+        if n < u64::from(FAIL_CHUNK) {
+            return Ok(total);
+        }
+        tokio::task::yield_now().await;
     }
 }
 
@@ -1151,6 +1153,12 @@ pub(crate) mod outbox_conformance {
         all_pages(limit, list).await.into_iter().map(|d| d.event_id).collect()
     }
 
+    /// Claims up to `n` due rows of each webhook that has pending rows.
+    async fn claim(store: &dyn Store, owner: &str, now_us: i64, n: usize) -> Vec<Delivery> {
+        let wants: Vec<(String, usize)> = store.pending_webhooks().await.unwrap().into_iter().map(|h| (h, n)).collect();
+        store.claim_deliveries(owner, now_us, LEASE, &wants).await.unwrap()
+    }
+
     async fn delivery(store: &dyn Store, webhook_id: &str, event_id: &str) -> Delivery {
         store.get_delivery(webhook_id, event_id).await.unwrap().unwrap_or_else(|| panic!("{webhook_id}/{event_id}"))
     }
@@ -1193,44 +1201,44 @@ pub(crate) mod outbox_conformance {
         }
 
         // Oldest due first; a batch's events are due together, in the batch's order.
-        let claimed = store.claim_deliveries("w", now_us(), LEASE, 10).await.unwrap();
+        let claimed = claim(store, "w", now_us(), 10).await;
         assert_eq!(keys(&claimed), [key("h1", "x1"), key("h2", "x1"), key("h1", "x3")]);
     }
 
     /// Claims take due, unclaimed, pending rows only, and hold them for the lease.
     pub(crate) async fn claims_lease_and_finish(store: &dyn Store) {
-        assert!(store.claim_deliveries("a", now_us(), LEASE, 10).await.unwrap().is_empty());
+        assert!(claim(store, "a", now_us(), 10).await.is_empty());
         store.enqueue_events(&[event("h", "e1"), event("h", "e2"), event("h", "e3")]).await.unwrap();
         // Idempotent on (webhook_id, event_id).
         store.enqueue_events(&[event("h", "e1")]).await.unwrap();
         let t = now_us();
 
-        let first = store.claim_deliveries("a", t, LEASE, 2).await.unwrap();
+        let first = claim(store, "a", t, 2).await;
         assert_eq!(keys(&first), [key("h", "e1"), key("h", "e2")]);
         assert_eq!(first[0].payload, event("h", "e1").payload, "a claim carries what to send");
         assert_eq!((first[0].state, first[0].attempts), (DeliveryState::Pending, 0));
-        let second = store.claim_deliveries("b", t, LEASE, 10).await.unwrap();
+        let second = claim(store, "b", t, 10).await;
         assert_eq!(keys(&second), [key("h", "e3")]);
         // Everything is claimed until the leases end.
-        assert!(store.claim_deliveries("b", t + LEASE - 1, LEASE, 10).await.unwrap().is_empty());
+        assert!(claim(store, "b", t + LEASE - 1, 10).await.is_empty());
 
         let (e1, e2, e3) = (first[0].id, first[1].id, second[0].id);
         store.finish_delivery(e1, &update(DeliveryState::Pending, 1, Some(503), t + 10 * LEASE)).await.unwrap();
         store.finish_delivery(e2, &update(DeliveryState::Delivered, 1, Some(200), 0)).await.unwrap();
         store.finish_delivery(e3, &update(DeliveryState::Failed, 1, Some(404), 0)).await.unwrap();
         // The claims are cleared, but e1 is not due yet and the others are done.
-        assert!(store.claim_deliveries("b", t + LEASE, LEASE, 10).await.unwrap().is_empty());
-        let retry = store.claim_deliveries("b", t + 10 * LEASE, LEASE, 10).await.unwrap();
+        assert!(claim(store, "b", t + LEASE, 10).await.is_empty());
+        let retry = claim(store, "b", t + 10 * LEASE, 10).await;
         assert_eq!(keys(&retry), [key("h", "e1")]);
         assert_eq!(
             (retry[0].attempts, retry[0].last_status, retry[0].last_error.as_deref()),
             (1, Some(503), Some("HTTP 503"))
         );
         // A lease that ran out (its holder died) makes the row claimable again.
-        assert!(store.claim_deliveries("c", t + 11 * LEASE - 1, LEASE, 10).await.unwrap().is_empty());
-        assert_eq!(keys(&store.claim_deliveries("c", t + 11 * LEASE, LEASE, 10).await.unwrap()), [key("h", "e1")]);
+        assert!(claim(store, "c", t + 11 * LEASE - 1, 10).await.is_empty());
+        assert_eq!(keys(&claim(store, "c", t + 11 * LEASE, 10).await), [key("h", "e1")]);
         // Delivered and failed rows are never claimed, however late.
-        assert_eq!(keys(&store.claim_deliveries("d", t + 1000 * LEASE, LEASE, 10).await.unwrap()), [key("h", "e1")]);
+        assert_eq!(keys(&claim(store, "d", t + 1000 * LEASE, 10).await), [key("h", "e1")]);
 
         let e2 = delivery(store, "h", "e2").await;
         assert_eq!(
@@ -1246,78 +1254,93 @@ pub(crate) mod outbox_conformance {
         // Oldest due first, whatever the row order.
         store.enqueue_events(&[event("h", "e4"), event("h", "e5")]).await.unwrap();
         let t2 = now_us();
-        let both = store.claim_deliveries("a", t2, LEASE, 10).await.unwrap();
+        let both = claim(store, "a", t2, 10).await;
         assert_eq!(keys(&both), [key("h", "e4"), key("h", "e5")]);
         store.finish_delivery(both[0].id, &update(DeliveryState::Pending, 1, None, t2 + 3 * LEASE)).await.unwrap();
         store.finish_delivery(both[1].id, &update(DeliveryState::Pending, 1, None, t2 + 2 * LEASE)).await.unwrap();
-        let next = store.claim_deliveries("a", t2 + 3 * LEASE, LEASE, 1).await.unwrap();
+        let next = claim(store, "a", t2 + 3 * LEASE, 1).await;
         assert_eq!(keys(&next), [key("h", "e5")]);
         // Finishing a delivery that is gone is not an error.
         store.finish_delivery(i64::MAX, &update(DeliveryState::Delivered, 1, Some(200), 0)).await.unwrap();
     }
 
-    /// `release_claims` frees what one owner holds, nothing else.
-    /// A failing receiver's due, unclaimed rows are held back in one write; old ones fail.
-    pub(crate) async fn hold_due_holds_back_and_expires_old_rows(store: &dyn Store) {
-        store.enqueue_events(&[event("down", "old"), event("down", "probe")]).await.unwrap();
-        let between = format_time(OffsetDateTime::now_utc());
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        store.enqueue_events(&[event("down", "new"), event("up", "u1")]).await.unwrap();
-        let t = now_us();
-        let probe = store.claim_deliveries_except("a", t, LEASE, 1, &[]).await.unwrap();
-        assert_eq!(keys(&probe), [key("down", "old")], "oldest due first");
-        let touched = store.hold_due_deliveries("down", t, HELD_UNTIL_US, &between, None, "waiting", "gave up").await;
-        assert_eq!(touched.unwrap(), 2, "the claimed row is left to its caller; `up` is untouched");
-        let p = delivery(store, "down", "probe").await;
-        assert_eq!((p.state, p.attempts, p.last_error.as_deref()), (DeliveryState::Failed, 0, Some("gave up")));
-        let n = delivery(store, "down", "new").await;
-        assert_eq!((n.state, n.attempts, n.last_error.as_deref()), (DeliveryState::Pending, 0, Some("waiting")));
-        assert_eq!(n.next_attempt_at, None, "held: no time is known");
-        let u = delivery(store, "up", "u1").await;
-        assert_eq!((u.state, u.last_error), (DeliveryState::Pending, None));
-        // Held rows are not due at any time; a claim meanwhile gets only `up`.
-        let claimed = store.claim_deliveries_except("b", t + 1, LEASE, 10, &[]).await.unwrap();
-        assert_eq!(keys(&claimed), [key("up", "u1")]);
-        assert_eq!(store.hold_due_deliveries("down", t, HELD_UNTIL_US, &between, None, "w", "g").await.unwrap(), 0);
-        // Released (one probe, then the rest), held rows are due again.
-        store.enqueue_events(&[event("down", "newer")]).await.unwrap();
-        store.hold_due_deliveries("down", now_us(), HELD_UNTIL_US, &between, None, "waiting", "x").await.unwrap();
-        assert_eq!(store.release_held_deliveries(Some("down"), t, Some(1)).await.unwrap(), 1);
-        let claimed = store.claim_deliveries_except("c", t, LEASE, 10, &[]).await.unwrap();
-        assert_eq!(keys(&claimed), [key("down", "new")], "the oldest held row first");
-        assert_eq!(store.release_held_deliveries(None, t, None).await.unwrap(), 1);
-        let claimed = store.claim_deliveries_except("c", t, LEASE, 10, &[]).await.unwrap();
-        assert_eq!(keys(&claimed), [key("down", "newer")]);
-        assert_eq!(store.release_held_deliveries(None, t, None).await.unwrap(), 0);
-    }
-
-    /// A claim can pass over the rows of given webhooks; they stay due for later claims.
-    pub(crate) async fn claims_pass_over_excepted_webhooks(store: &dyn Store) {
+    /// A claim reads only the webhooks it names, at most their counts each; the others'
+    /// rows stay due for later claims.
+    pub(crate) async fn claims_take_only_the_named_webhooks(store: &dyn Store) {
+        assert!(store.pending_webhooks().await.unwrap().is_empty());
         store
             .enqueue_events(&[event("slow", "s1"), event("fast", "f1"), event("slow", "s2"), event("other", "o1")])
             .await
             .unwrap();
+        assert_eq!(store.pending_webhooks().await.unwrap(), ["fast", "other", "slow"]);
         let t = now_us();
-        let except = ["slow".to_string(), "other".to_string()];
-        let claimed = store.claim_deliveries_except("a", t, LEASE, 10, &except).await.unwrap();
+        let wants = |w: &[(&str, usize)]| w.iter().map(|(h, n)| (h.to_string(), *n)).collect::<Vec<_>>();
+        let claimed = store.claim_deliveries("a", t, LEASE, &wants(&[("fast", 10), ("nobody", 3)])).await.unwrap();
         assert_eq!(keys(&claimed), [key("fast", "f1")]);
-        let claimed = store.claim_deliveries_except("a", t, LEASE, 10, &except[..1]).await.unwrap();
-        assert_eq!(keys(&claimed), [key("other", "o1")]);
-        let claimed = store.claim_deliveries_except("a", t, LEASE, 10, &[]).await.unwrap();
-        assert_eq!(keys(&claimed), [key("slow", "s1"), key("slow", "s2")]);
+        assert!(store.claim_deliveries("a", t, LEASE, &wants(&[("slow", 0)])).await.unwrap().is_empty());
+        assert!(store.claim_deliveries("a", t, LEASE, &[]).await.unwrap().is_empty());
+        let claimed = store.claim_deliveries("a", t, LEASE, &wants(&[("other", 10), ("slow", 1)])).await.unwrap();
+        assert_eq!(keys(&claimed), [key("slow", "s1"), key("other", "o1")], "oldest due first across webhooks");
+        let claimed = store.claim_deliveries("a", t, LEASE, &wants(&[("slow", 10)])).await.unwrap();
+        assert_eq!(keys(&claimed), [key("slow", "s2")]);
+        // Claimed rows are still pending; finished ones leave the list.
+        assert_eq!(store.pending_webhooks().await.unwrap(), ["fast", "other", "slow"]);
+        store.finish_delivery(claimed[0].id, &update(DeliveryState::Delivered, 1, Some(200), 0)).await.unwrap();
+        let s1 = delivery(store, "slow", "s1").await;
+        store.finish_delivery(s1.id, &update(DeliveryState::Failed, 1, Some(404), 0)).await.unwrap();
+        assert_eq!(store.pending_webhooks().await.unwrap(), ["fast", "other"]);
     }
 
+    /// Overdue rows fail oldest due first, in chunks, passing over claimed rows (unless
+    /// `now_us` is past every lease) and other webhooks.
+    pub(crate) async fn fail_pending_fails_overdue_rows_in_chunks(store: &dyn Store) {
+        store.enqueue_events(&[event("down", "old1"), event("down", "old2"), event("down", "old3")]).await.unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let between = now_us();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        store.enqueue_events(&[event("down", "new"), event("up", "u1")]).await.unwrap();
+        let t = now_us();
+        let wants = vec![("down".to_string(), 1)];
+        let probe = store.claim_deliveries("a", t, LEASE, &wants).await.unwrap();
+        assert_eq!(keys(&probe), [key("down", "old1")], "oldest due first");
+
+        let fail = |limit| store.fail_pending_deliveries("down", t, between, Some(503), "gave up", limit);
+        assert_eq!(fail(1).await.unwrap(), 1, "a full chunk");
+        assert_eq!(fail(1).await.unwrap(), 1);
+        assert_eq!(fail(1).await.unwrap(), 0, "the claimed probe and the newer row are left");
+        for id in ["old2", "old3"] {
+            let d = delivery(store, "down", id).await;
+            assert_eq!(
+                (d.state, d.attempts, d.last_status, d.last_error.as_deref(), d.next_attempt_at),
+                (DeliveryState::Failed, 0, Some(503), Some("gave up"), None)
+            );
+        }
+        let n = delivery(store, "down", "new").await;
+        assert_eq!((n.state, n.last_status, n.last_error), (DeliveryState::Pending, None, None));
+        assert_eq!(delivery(store, "up", "u1").await.state, DeliveryState::Pending);
+
+        // Everything pending, claimed or not (a deleted webhook): status kept when none is given.
+        let all = store.fail_pending_deliveries("down", i64::MAX, i64::MAX, None, "the webhook was deleted", 10);
+        assert_eq!(all.await.unwrap(), 2);
+        let p = delivery(store, "down", "old1").await;
+        assert_eq!((p.state, p.last_error.as_deref()), (DeliveryState::Failed, Some("the webhook was deleted")));
+        assert_eq!(delivery(store, "down", "old2").await.last_status, Some(503));
+        assert_eq!(store.pending_webhooks().await.unwrap(), ["up"]);
+        assert!(store.claim_deliveries("b", now_us(), LEASE, &wants).await.unwrap().is_empty());
+    }
+
+    /// `release_claims` frees what one owner holds, nothing else.
     pub(crate) async fn release_claims_frees_rows(store: &dyn Store) {
         store.enqueue_events(&[event("h", "e1"), event("h", "e2"), event("h", "e3"), event("h", "e4")]).await.unwrap();
         let t = now_us();
-        let a = store.claim_deliveries("a", t, LEASE, 3).await.unwrap();
+        let a = claim(store, "a", t, 3).await;
         assert_eq!(a.len(), 3);
         store.finish_delivery(a[2].id, &update(DeliveryState::Delivered, 1, Some(204), 0)).await.unwrap();
-        assert_eq!(store.claim_deliveries("b", t, LEASE, 10).await.unwrap().len(), 1);
+        assert_eq!(claim(store, "b", t, 10).await.len(), 1);
         assert_eq!(store.release_claims("a").await.unwrap(), 2);
         assert_eq!(store.release_claims("a").await.unwrap(), 0);
         assert_eq!(store.release_claims("nobody").await.unwrap(), 0);
-        let again = store.claim_deliveries("c", t, LEASE, 10).await.unwrap();
+        let again = claim(store, "c", t, 10).await;
         assert_eq!(keys(&again), [key("h", "e1"), key("h", "e2")], "b's claim and the delivered row stay");
         assert_eq!(delivery(store, "h", "e3").await.state, DeliveryState::Delivered);
     }
@@ -1369,7 +1392,7 @@ pub(crate) mod outbox_conformance {
 
         // A failed delivery made pending again, due now, with more attempts.
         let t = now_us();
-        let claimed = store.claim_deliveries("a", t, LEASE, 10).await.unwrap();
+        let claimed = claim(store, "a", t, 10).await;
         assert_eq!(claimed.len(), 7);
         let e2 = claimed.iter().find(|d| (d.webhook_id.as_str(), d.event_id.as_str()) == ("h", "e2")).unwrap();
         store.finish_delivery(e2.id, &update(DeliveryState::Failed, 8, Some(500), 0)).await.unwrap();
@@ -1383,7 +1406,7 @@ pub(crate) mod outbox_conformance {
         assert_eq!(retried, delivery(store, "h", "e2").await);
         // Its claim is cleared too: so is that of a claimed row retried by hand.
         store.retry_delivery("h", "e4", t2, 1).await.unwrap().unwrap();
-        let due = store.claim_deliveries("b", t2, LEASE, 10).await.unwrap();
+        let due = claim(store, "b", t2, 10).await;
         assert_eq!(keys(&due), [key("h", "e2"), key("h", "e4")]);
         assert_eq!(store.retry_delivery("h", "nope", t2, 1).await.unwrap(), None);
         assert_eq!(store.retry_delivery("nothing", "e2", t2, 1).await.unwrap(), None);
@@ -1395,7 +1418,7 @@ pub(crate) mod outbox_conformance {
         let events: Vec<OutboxEvent> = (1..=4).map(|i| event("h", &format!("e{i}"))).collect();
         store.enqueue_events(&events).await.unwrap();
         assert_eq!(store.outbox_depth().await.unwrap(), 4);
-        let claimed = store.claim_deliveries("a", now_us(), LEASE, 10).await.unwrap();
+        let claimed = claim(store, "a", now_us(), 10).await;
         assert_eq!(store.outbox_depth().await.unwrap(), 4);
         store.finish_delivery(claimed[0].id, &update(DeliveryState::Delivered, 1, Some(200), 0)).await.unwrap();
         store.finish_delivery(claimed[1].id, &update(DeliveryState::Failed, 1, Some(400), 0)).await.unwrap();
@@ -1496,7 +1519,7 @@ pub(crate) mod outbox_conformance {
     /// Pruning removes finished deliveries last changed before the cutoff.
     pub(crate) async fn prune_removes_finished_deliveries(store: &dyn Store) {
         store.enqueue_events(&[event("h", "e1"), event("h", "e2"), event("h", "e3")]).await.unwrap();
-        let claimed = store.claim_deliveries("a", now_us(), LEASE, 10).await.unwrap();
+        let claimed = claim(store, "a", now_us(), 10).await;
         store.finish_delivery(claimed[0].id, &update(DeliveryState::Delivered, 1, Some(200), 0)).await.unwrap();
         store.finish_delivery(claimed[1].id, &update(DeliveryState::Failed, 8, Some(500), 0)).await.unwrap();
         store.insert_activity(&[entry("d1", vec![])]).await.unwrap();

@@ -227,6 +227,15 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_us, id) WHERE state = 'pending';
     CREATE INDEX webhook_deliveries_by_hook ON webhook_deliveries (webhook_id, id);
     "#,
+    // 4: claims name the webhooks they take rows of, so the due index leads with the
+    // webhook: the rows of a webhook whose receiver is failing are never read while they
+    // wait. Rows held back by the old scheme (due at i64::MAX / 2) are due again.
+    r#"
+    DROP INDEX webhook_deliveries_due;
+    CREATE INDEX webhook_deliveries_due ON webhook_deliveries (webhook_id, next_attempt_us, id) WHERE state = 'pending';
+    UPDATE webhook_deliveries SET next_attempt_us = updated_us
+        WHERE state = 'pending' AND next_attempt_us >= 4611686018427387903;
+    "#,
 ];
 
 /// Characters of `username` / `application` that their activity indexes key on
@@ -1275,39 +1284,43 @@ impl Store for PgStore {
         with_conn!(self, WRITE_DEADLINE, |client| { insert_events(&*client, events, now).await })
     }
 
-    async fn claim_deliveries_except(
+    async fn claim_deliveries(
         &self,
         owner: &str,
         now_us: i64,
         lease_us: i64,
-        limit: usize,
-        except: &[String],
+        wants: &[(String, usize)],
     ) -> Result<Vec<Delivery>, StoreError> {
-        if limit == 0 {
+        let wants: Vec<(String, i64)> = wants
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(hook, n)| (pg_text(hook), i64::try_from(*n).unwrap_or(i64::MAX)))
+            .collect();
+        if wants.is_empty() {
             return Ok(Vec::new());
         }
-        let except: Vec<String> = except.iter().map(|s| pg_text(s)).collect();
+        let (hooks, counts): (Vec<String>, Vec<i64>) = wants.into_iter().unzip();
         let owner = pg_text(owner);
         let until = now_us.saturating_add(lease_us);
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        // SKIP LOCKED: a row another replica is claiming right now is passed over rather
-        // than waited for; one it claimed a moment ago fails the `claimed_until_us` test
-        // when re-checked after its lock is released. Either way no row goes to both.
-        // MATERIALIZED keeps the locking SELECT a single scan, run once.
+        // One range of the due index per named webhook. SKIP LOCKED: a row another
+        // replica is claiming right now is passed over rather than waited for; one it
+        // claimed a moment ago fails the `claimed_until_us` test when re-checked after
+        // its lock is released. Either way no row goes to both. MATERIALIZED keeps the
+        // locking SELECT one scan, run once.
         let returning: Vec<String> = DELIVERY_COLUMNS.split(", ").map(|c| format!("d.{c}")).collect();
         let sql = format!(
             "WITH due AS MATERIALIZED (\
+             SELECT c.id FROM unnest($4::text[], $5::bigint[]) AS w(hook, n) CROSS JOIN LATERAL (\
              SELECT id FROM webhook_deliveries \
-             WHERE state = 'pending' AND next_attempt_us <= $3 AND claimed_until_us <= $3 \
-             AND NOT (webhook_id = ANY($5::text[])) \
-             ORDER BY next_attempt_us, id LIMIT $4 FOR UPDATE SKIP LOCKED) \
+             WHERE state = 'pending' AND webhook_id = w.hook AND next_attempt_us <= $3 AND claimed_until_us <= $3 \
+             ORDER BY next_attempt_us, id LIMIT w.n FOR UPDATE SKIP LOCKED) c) \
              UPDATE webhook_deliveries d SET claimed_by = $1, claimed_until_us = $2 \
              FROM due WHERE d.id = due.id RETURNING {}",
             returning.join(", ")
         );
         let rows = with_conn!(self, WRITE_DEADLINE, |client| {
             let stmt = client.prepare_cached(&sql).await.map_err(pg_err)?;
-            client.query(&stmt, &[&owner, &until, &now_us, &limit, &except]).await.map_err(pg_err)
+            client.query(&stmt, &[&owner, &until, &now_us, &hooks, &counts]).await.map_err(pg_err)
         })?;
         let mut claimed = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -1317,6 +1330,61 @@ impl Store for PgStore {
         // RETURNING has no defined order.
         claimed.sort_by_key(|(due, d)| (*due, d.id));
         Ok(claimed.into_iter().map(|(_, d)| d).collect())
+    }
+
+    async fn pending_webhooks(&self) -> Result<Vec<String>, StoreError> {
+        // A loose index scan of the due index: one seek per webhook.
+        let rows = with_conn!(self, READ_DEADLINE, |client| {
+            client
+                .query(
+                    "WITH RECURSIVE hooks(webhook_id) AS ( \
+                     (SELECT webhook_id FROM webhook_deliveries WHERE state = 'pending' ORDER BY webhook_id LIMIT 1) \
+                     UNION ALL \
+                     SELECT (SELECT d.webhook_id FROM webhook_deliveries d \
+                             WHERE d.state = 'pending' AND d.webhook_id > h.webhook_id ORDER BY d.webhook_id LIMIT 1) \
+                     FROM hooks h WHERE h.webhook_id IS NOT NULL) \
+                     SELECT webhook_id FROM hooks WHERE webhook_id IS NOT NULL",
+                    &[],
+                )
+                .await
+                .map_err(pg_err)
+        })?;
+        rows.iter().map(|row| get(row, 0)).collect()
+    }
+
+    async fn fail_pending_deliveries(
+        &self,
+        webhook_id: &str,
+        now_us: i64,
+        due_before_us: i64,
+        last_status: Option<u16>,
+        error: &str,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        let (webhook_id, error) = (pg_text(webhook_id), pg_text(error));
+        let status = last_status.map(i64::from);
+        let now = OffsetDateTime::now_utc();
+        let (now_text, now_micros) = (format_time(now), unix_micros(now));
+        let limit = i64::from(limit);
+        with_conn!(self, WRITE_DEADLINE, |client| {
+            let stmt = client
+                .prepare_cached(
+                    "UPDATE webhook_deliveries SET state = 'failed', last_status = coalesce($4::bigint, last_status), \
+                     last_error = $5, claimed_by = NULL, claimed_until_us = 0, updated_at = $6, updated_us = $7 \
+                     WHERE id IN (SELECT id FROM webhook_deliveries \
+                      WHERE state = 'pending' AND webhook_id = $1 AND next_attempt_us < $3 AND claimed_until_us <= $2 \
+                      ORDER BY next_attempt_us, id LIMIT $8 FOR UPDATE SKIP LOCKED)",
+                )
+                .await
+                .map_err(pg_err)?;
+            client
+                .execute(
+                    &stmt,
+                    &[&webhook_id, &now_us, &due_before_us, &status, &error, &now_text, &now_micros, &limit],
+                )
+                .await
+                .map_err(pg_err)
+        })
     }
 
     async fn finish_deliveries(&self, done: &[(i64, DeliveryUpdate)]) -> Result<(), StoreError> {
@@ -1348,64 +1416,6 @@ impl Store for PgStore {
                 .await
                 .map_err(pg_err)?;
             Ok(())
-        })
-    }
-
-    async fn release_held_deliveries(
-        &self,
-        webhook_id: Option<&str>,
-        now_us: i64,
-        limit: Option<u32>,
-    ) -> Result<u64, StoreError> {
-        let webhook_id = webhook_id.map(pg_text);
-        let limit = limit.map(i64::from);
-        with_conn!(self, WRITE_DEADLINE, |client| {
-            let stmt = client
-                .prepare_cached(
-                    "UPDATE webhook_deliveries SET next_attempt_us = $2 WHERE id IN \
-                     (SELECT id FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_us >= $3 \
-                      AND ($1::text IS NULL OR webhook_id = $1) ORDER BY id LIMIT $4)",
-                )
-                .await
-                .map_err(pg_err)?;
-            client.execute(&stmt, &[&webhook_id, &now_us, &super::HELD_UNTIL_US, &limit]).await.map_err(pg_err)
-        })
-    }
-
-    async fn hold_due_deliveries(
-        &self,
-        webhook_id: &str,
-        now_us: i64,
-        until_us: i64,
-        expire_before: &str,
-        last_status: Option<u16>,
-        held_error: &str,
-        expired_error: &str,
-    ) -> Result<u64, StoreError> {
-        let (webhook_id, expire_before) = (pg_text(webhook_id), pg_text(expire_before));
-        let (held_error, expired_error) = (pg_text(held_error), pg_text(expired_error));
-        let status = last_status.map(i64::from);
-        let now_text = format_time(super::from_unix_micros(now_us));
-        with_conn!(self, WRITE_DEADLINE, |client| {
-            let stmt = client
-                .prepare_cached(
-                    "UPDATE webhook_deliveries SET \
-                     state = CASE WHEN created_at < $4 THEN 'failed' ELSE 'pending' END, \
-                     last_status = CASE WHEN created_at < $4 THEN $5 ELSE last_status END, \
-                     last_error = CASE WHEN created_at < $4 THEN $7 ELSE $6 END, \
-                     next_attempt_us = $3, updated_at = $8, updated_us = $2 \
-                     WHERE webhook_id = $1 AND state = 'pending' AND claimed_until_us <= $2 \
-                     AND (next_attempt_us <= $2 OR created_at < $4)",
-                )
-                .await
-                .map_err(pg_err)?;
-            client
-                .execute(
-                    &stmt,
-                    &[&webhook_id, &now_us, &until_us, &expire_before, &status, &held_error, &expired_error, &now_text],
-                )
-                .await
-                .map_err(pg_err)
         })
     }
 
@@ -2158,7 +2168,7 @@ mod tests {
         }
 
         crate::store::store_checks!(conformance; fresh;
-             claims_lease_and_finish, hold_due_holds_back_and_expires_old_rows, claims_pass_over_excepted_webhooks, release_claims_frees_rows, listing_get_and_retry, depth_counts_pending_only, audit_hook_events_commit_with_the_entry);
+             claims_lease_and_finish, claims_take_only_the_named_webhooks, fail_pending_fails_overdue_rows_in_chunks, release_claims_frees_rows, listing_get_and_retry, depth_counts_pending_only, audit_hook_events_commit_with_the_entry);
 
         #[tokio::test]
         async fn activity_batches_write_their_events_once() {
@@ -2219,9 +2229,10 @@ mod tests {
                     (0..200).map(|i| conformance::event("h", &format!("r{round}-e{i:03}"))).collect();
                 a.enqueue_events(&events).await.unwrap();
                 let now = conformance::now_us();
+                let wants = [("h".to_string(), 150)];
                 let (x, y) = tokio::join!(
-                    a.claim_deliveries("replica-a", now, 60_000_000, 150),
-                    b.claim_deliveries("replica-b", now, 60_000_000, 150)
+                    a.claim_deliveries("replica-a", now, 60_000_000, &wants),
+                    b.claim_deliveries("replica-b", now, 60_000_000, &wants)
                 );
                 let (x, y) = (x.unwrap(), y.unwrap());
                 assert!(x.len() <= 150 && y.len() <= 150);

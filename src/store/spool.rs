@@ -247,43 +247,34 @@ impl Store for SpoolingStore {
         self.inner.enqueue_events(events).await
     }
 
-    async fn claim_deliveries_except(
+    async fn claim_deliveries(
         &self,
         owner: &str,
         now_us: i64,
         lease_us: i64,
-        limit: usize,
-        except: &[String],
+        wants: &[(String, usize)],
     ) -> Result<Vec<Delivery>, StoreError> {
-        self.inner.claim_deliveries_except(owner, now_us, lease_us, limit, except).await
+        self.inner.claim_deliveries(owner, now_us, lease_us, wants).await
+    }
+
+    async fn pending_webhooks(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.pending_webhooks().await
+    }
+
+    async fn fail_pending_deliveries(
+        &self,
+        webhook_id: &str,
+        now_us: i64,
+        due_before_us: i64,
+        last_status: Option<u16>,
+        error: &str,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        self.inner.fail_pending_deliveries(webhook_id, now_us, due_before_us, last_status, error, limit).await
     }
 
     async fn finish_deliveries(&self, done: &[(i64, DeliveryUpdate)]) -> Result<(), StoreError> {
         self.inner.finish_deliveries(done).await
-    }
-
-    async fn release_held_deliveries(
-        &self,
-        webhook_id: Option<&str>,
-        now_us: i64,
-        limit: Option<u32>,
-    ) -> Result<u64, StoreError> {
-        self.inner.release_held_deliveries(webhook_id, now_us, limit).await
-    }
-
-    async fn hold_due_deliveries(
-        &self,
-        webhook_id: &str,
-        now_us: i64,
-        until_us: i64,
-        expire_before: &str,
-        last_status: Option<u16>,
-        held_error: &str,
-        expired_error: &str,
-    ) -> Result<u64, StoreError> {
-        self.inner
-            .hold_due_deliveries(webhook_id, now_us, until_us, expire_before, last_status, held_error, expired_error)
-            .await
     }
 
     async fn release_claims(&self, owner: &str) -> Result<u64, StoreError> {

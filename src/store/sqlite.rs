@@ -165,6 +165,16 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_us, id) WHERE state = 'pending';
     CREATE INDEX webhook_deliveries_by_hook ON webhook_deliveries (webhook_id, id);
     "#,
+    // 4: claims name the webhooks they take rows of, so the due index leads with the
+    // webhook: the rows of a webhook whose receiver is failing are never read while they
+    // wait (before, every claim passed over them, and holding them back rewrote them).
+    // Rows held back by the old scheme (due at i64::MAX / 2) are due again.
+    r#"
+    DROP INDEX webhook_deliveries_due;
+    CREATE INDEX webhook_deliveries_due ON webhook_deliveries (webhook_id, next_attempt_us, id) WHERE state = 'pending';
+    UPDATE webhook_deliveries SET next_attempt_us = updated_us
+        WHERE state = 'pending' AND next_attempt_us >= 4611686018427387903;
+    "#,
 ];
 
 /// Options of [`SqliteStore::open_with`].
@@ -1062,36 +1072,106 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn claim_deliveries_except(
+    async fn claim_deliveries(
         &self,
         owner: &str,
         now_us: i64,
         lease_us: i64,
-        limit: usize,
-        except: &[String],
+        wants: &[(String, usize)],
     ) -> Result<Vec<Delivery>, StoreError> {
-        if limit == 0 {
+        let wants: Vec<(String, i64)> = wants
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(hook, n)| (hook.clone(), i64::try_from(*n).unwrap_or(i64::MAX)))
+            .collect();
+        if wants.is_empty() {
             return Ok(Vec::new());
         }
-        let except = serde_json::to_string(except).map_err(|e| StoreError::Internal(format!("encode: {e}")))?;
         let owner = owner.to_string();
         let until = now_us.saturating_add(lease_us);
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        // One statement on the one writer connection: claims are serialised, so two
-        // workers never get the same row.
+        // One statement per webhook, each a range of the due index, all in one job on
+        // the one writer connection: claims are serialised, so two workers never get the
+        // same row.
         let sql = format!(
             "UPDATE webhook_deliveries SET claimed_by = ?1, claimed_until_us = ?2 WHERE id IN \
              (SELECT id FROM webhook_deliveries \
-              WHERE state = 'pending' AND next_attempt_us <= ?3 AND claimed_until_us <= ?3 \
-              AND webhook_id NOT IN (SELECT value FROM json_each(?5)) \
-              ORDER BY next_attempt_us, id LIMIT ?4) \
+              WHERE state = 'pending' AND webhook_id = ?3 AND next_attempt_us <= ?4 AND claimed_until_us <= ?4 \
+              ORDER BY next_attempt_us, id LIMIT ?5) \
              RETURNING {DELIVERY_COLUMNS}"
         );
-        let mut rows =
-            self.write(move |conn| query_deliveries(conn, &sql, params![owner, until, now_us, limit, except])).await?;
+        let mut rows = self
+            .write(move |conn| {
+                let mut rows = Vec::new();
+                for (hook, n) in &wants {
+                    rows.extend(query_deliveries(conn, &sql, params![owner, until, hook, now_us, n])?);
+                }
+                Ok(rows)
+            })
+            .await?;
         // RETURNING has no defined order.
         rows.sort_by_key(|r| (r.next_attempt_us, r.id));
         rows.into_iter().map(RawDelivery::into_delivery).collect()
+    }
+
+    async fn pending_webhooks(&self) -> Result<Vec<String>, StoreError> {
+        self.read(|conn| {
+            // A skip through the due index: one seek per webhook.
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT webhook_id FROM webhook_deliveries WHERE state = 'pending' AND webhook_id > ?1 \
+                     ORDER BY webhook_id LIMIT 1",
+                )
+                .map_err(db_err)?;
+            let mut hooks: Vec<String> = Vec::new();
+            loop {
+                let after = hooks.last().map_or("", String::as_str);
+                match stmt.query_row(params![after], |row| row.get(0)).optional().map_err(db_err)? {
+                    Some(next) => hooks.push(next),
+                    None => return Ok(hooks),
+                }
+            }
+        })
+        .await
+    }
+
+    async fn fail_pending_deliveries(
+        &self,
+        webhook_id: &str,
+        now_us: i64,
+        due_before_us: i64,
+        last_status: Option<u16>,
+        error: &str,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        let (webhook_id, error) = (webhook_id.to_string(), error.to_string());
+        let now = OffsetDateTime::now_utc();
+        let failed = self
+            .write(move |conn| {
+                // The subquery reads a bounded range of the due index (ids first, then
+                // the update), so a chunk costs its own rows only.
+                conn.prepare_cached(
+                    "UPDATE webhook_deliveries SET state = 'failed', last_status = coalesce(?4, last_status), \
+                     last_error = ?5, claimed_by = NULL, claimed_until_us = 0, updated_at = ?6, updated_us = ?7 \
+                     WHERE id IN (SELECT id FROM webhook_deliveries \
+                      WHERE state = 'pending' AND webhook_id = ?1 AND next_attempt_us < ?3 AND claimed_until_us <= ?2 \
+                      ORDER BY next_attempt_us, id LIMIT ?8)",
+                )
+                .and_then(|mut stmt| {
+                    stmt.execute(params![
+                        webhook_id,
+                        now_us,
+                        due_before_us,
+                        last_status.map(i64::from),
+                        error,
+                        format_time(now),
+                        unix_micros(now),
+                        i64::from(limit)
+                    ])
+                })
+                .map_err(db_err)
+            })
+            .await?;
+        Ok(failed as u64)
     }
 
     async fn finish_deliveries(&self, done: &[(i64, DeliveryUpdate)]) -> Result<(), StoreError> {
@@ -1128,75 +1208,6 @@ impl Store for SqliteStore {
             tx.commit()
         })
         .await
-    }
-
-    async fn release_held_deliveries(
-        &self,
-        webhook_id: Option<&str>,
-        now_us: i64,
-        limit: Option<u32>,
-    ) -> Result<u64, StoreError> {
-        let webhook_id = webhook_id.map(str::to_string);
-        let limit = limit.map_or(-1, i64::from);
-        let released = self
-            .write(move |conn| {
-                conn.prepare_cached(
-                    "UPDATE webhook_deliveries SET next_attempt_us = ?2 WHERE id IN \
-                     (SELECT id FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_us >= ?3 \
-                      AND (?1 IS NULL OR webhook_id = ?1) ORDER BY id LIMIT ?4)",
-                )
-                .and_then(|mut stmt| stmt.execute(params![webhook_id, now_us, super::HELD_UNTIL_US, limit]))
-                .map_err(db_err)
-            })
-            .await?;
-        Ok(released as u64)
-    }
-
-    async fn hold_due_deliveries(
-        &self,
-        webhook_id: &str,
-        now_us: i64,
-        until_us: i64,
-        expire_before: &str,
-        last_status: Option<u16>,
-        held_error: &str,
-        expired_error: &str,
-    ) -> Result<u64, StoreError> {
-        let args = (
-            webhook_id.to_string(),
-            expire_before.to_string(),
-            held_error.to_string(),
-            expired_error.to_string(),
-            format_time(super::from_unix_micros(now_us)),
-        );
-        let touched = self
-            .write(move |conn| {
-                let (webhook_id, expire_before, held_error, expired_error, now_text) = &args;
-                conn.prepare_cached(
-                    "UPDATE webhook_deliveries SET \
-                     state = CASE WHEN created_at < ?4 THEN 'failed' ELSE 'pending' END, \
-                     last_status = CASE WHEN created_at < ?4 THEN ?5 ELSE last_status END, \
-                     last_error = CASE WHEN created_at < ?4 THEN ?7 ELSE ?6 END, \
-                     next_attempt_us = ?3, updated_at = ?8, updated_us = ?2 \
-                     WHERE webhook_id = ?1 AND state = 'pending' AND claimed_until_us <= ?2 \
-                     AND (next_attempt_us <= ?2 OR created_at < ?4)",
-                )
-                .and_then(|mut stmt| {
-                    stmt.execute(params![
-                        webhook_id,
-                        now_us,
-                        until_us,
-                        expire_before,
-                        last_status.map(i64::from),
-                        held_error,
-                        expired_error,
-                        now_text
-                    ])
-                })
-                .map_err(db_err)
-            })
-            .await?;
-        Ok(touched as u64)
     }
 
     async fn release_claims(&self, owner: &str) -> Result<u64, StoreError> {
@@ -1536,7 +1547,7 @@ mod tests {
         }
 
         crate::store::store_checks!(conformance; fresh;
-            activity_batches_write_their_events_once, claims_lease_and_finish, hold_due_holds_back_and_expires_old_rows, claims_pass_over_excepted_webhooks, release_claims_frees_rows, listing_get_and_retry, depth_counts_pending_only, audit_hook_events_commit_with_the_entry);
+            activity_batches_write_their_events_once, claims_lease_and_finish, claims_take_only_the_named_webhooks, fail_pending_fails_overdue_rows_in_chunks, release_claims_frees_rows, listing_get_and_retry, depth_counts_pending_only, audit_hook_events_commit_with_the_entry);
 
         #[tokio::test]
         async fn a_failing_outbox_insert_fails_the_whole_write() {

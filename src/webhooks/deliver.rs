@@ -7,6 +7,11 @@
 //! sends them, and writes each result back. It wakes when events are recorded and
 //! otherwise every `poll_ms`. A dead or slow receiver costs only its own slots and the
 //! rows waiting in the store: the outbox is never held in memory.
+//!
+//! A receiver that fails (no answer, 408, 429, 5xx) cools its whole webhook down:
+//! claims stop naming it (so its waiting rows are not read, let alone rewritten), and
+//! when the cool-down ends one claimed row is the probe. Rows overdue by more than their
+//! whole retry schedule meanwhile fail, in short writes off the loop.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -25,7 +30,7 @@ use crate::metrics::Metrics;
 use crate::outbound::{CallMode, Outbound};
 use crate::rule::{RenderedBody, RenderedRequest};
 use crate::store::{
-    parse_time, unix_micros, Delivery, DeliveryState, DeliveryUpdate, Store, StoreError, HELD_UNTIL_US,
+    fail_pending_in_chunks, parse_time, unix_micros, Delivery, DeliveryState, DeliveryUpdate, Store, StoreError,
 };
 
 /// How much of a receiver's answer a test call shows.
@@ -46,6 +51,8 @@ const CLAIM_PAUSE: Duration = Duration::from_millis(50);
 const MAX_COOL_DOWN: Duration = Duration::from_secs(60);
 /// Most attempt results recorded in one store write.
 const MAX_RESULT_BATCH: usize = 512;
+/// How often pending events of webhooks this replica does not know are looked for.
+const ORPHAN_SWEEP: Duration = Duration::from_secs(60);
 
 /// The result of one call.
 #[derive(Debug, Clone)]
@@ -280,12 +287,6 @@ impl Deliverer {
                 tracing::warn!(error = %e, "could not release this replica's earlier claims; they expire with their lease")
             }
         }
-        // Held rows wait for this loop's own knowledge of their receiver, which a
-        // restart lost: they are all tried again.
-        let at = unix_micros(time::OffsetDateTime::now_utc());
-        if let Err(e) = self.store.release_held_deliveries(None, at, None).await {
-            tracing::warn!(error = %e, "could not release webhook deliveries held at the last stop");
-        }
         let poll = Duration::from_millis(self.settings.poll_ms);
         let slots = self.settings.concurrency;
         // Results go to one writer that records them in batches: one commit for all
@@ -297,34 +298,42 @@ impl Deliverer {
         // they were claimed.
         let mut backlog: VecDeque<(Delivery, Instant)> = VecDeque::new();
         let mut health: HashMap<String, Health> = HashMap::new();
+        // Background writes failing a webhook's overdue rows, at most one per webhook.
+        let mut give_ups: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+        let mut next_sweep = Instant::now();
         let mut last_depth = Instant::now() - poll;
         let mut next_claim = Instant::now();
         loop {
             while let Some(joined) = in_flight.try_join_next() {
                 if let Ok((hook, reach)) = joined {
-                    if let Some(turn) = self.observe(&mut health, &hook, reach) {
-                        self.turn(turn, &mut backlog, &done_tx).await;
+                    if let Some(failure) = self.observe(&mut health, &hook, reach) {
+                        self.on_failure(&failure, &mut backlog, &done_tx, &mut give_ups);
                     }
                 }
             }
             self.hand_back_stale(&mut backlog, &done_tx);
-            self.release_probes(&mut health).await;
+            if Instant::now() >= next_sweep {
+                next_sweep = Instant::now() + ORPHAN_SWEEP;
+                tokio::spawn(self.clone().sweep_orphans());
+            }
             self.dispatch(&mut backlog, &mut health, &mut in_flight, slots, &done_tx);
             let mut more_due = false;
             if in_flight.len() < slots && backlog.len() < slots * CLAIM_FACTOR && Instant::now() >= next_claim {
-                // Nothing in the backlog can go: claim more, passing over the webhooks
-                // held back (cooling down, or probing).
+                // Nothing in the backlog can go: claim more, naming only the webhooks
+                // that may be called now (a share each; one row for a probe).
                 let now = Instant::now();
-                let held: Vec<String> =
-                    health.iter().filter(|(_, h)| h.paused(now)).map(|(id, _)| id.clone()).collect();
                 let want = slots * CLAIM_FACTOR - backlog.len();
-                match self.claim(want, &held).await {
+                let wants = self.wants(want, &mut health, &backlog);
+                match self.claim(&wants).await {
                     Ok(deliveries) => {
-                        more_due = deliveries.len() == want;
+                        // A webhook that filled its share may have more due.
+                        more_due = wants
+                            .iter()
+                            .any(|(hook, n)| deliveries.iter().filter(|d| &d.webhook_id == hook).count() >= *n);
                         if !more_due {
-                            // Nothing more is due (or only rows of webhooks held back):
-                            // new events are claimed after a short pause, not on every
-                            // wake-up, so a busy decision path never drives a claim each.
+                            // Nothing more is due: new events are claimed after a short
+                            // pause, not on every wake-up, so a busy decision path never
+                            // drives a claim each.
                             next_claim = now + CLAIM_PAUSE;
                         }
                         backlog.extend(deliveries.into_iter().map(|d| (d, now)));
@@ -359,8 +368,8 @@ impl Deliverer {
                 _ = tokio::time::sleep(nap) => {}
                 Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
                     if let Ok((hook, reach)) = joined {
-                        if let Some(turn) = self.observe(&mut health, &hook, reach) {
-                            self.turn(turn, &mut backlog, &done_tx).await;
+                        if let Some(failure) = self.observe(&mut health, &hook, reach) {
+                            self.on_failure(&failure, &mut backlog, &done_tx, &mut give_ups);
                         }
                     }
                 }
@@ -371,22 +380,19 @@ impl Deliverer {
     /// Learns from a finished call whether the webhook's receiver answers: a failure
     /// cools the whole webhook down (base doubled per failure in a row, or the
     /// receiver's `Retry-After`), so a dead receiver is probed at that pace instead of
-    /// once per pending event.
-    /// Returns the failure and the pause when it starts a cool-down:
-    /// [`Deliverer::hold_during_cool_down`] then holds the webhook's other due events
-    /// back, so they are not sent one by one to a receiver known to be down.
-    fn observe(&self, health: &mut HashMap<String, Health>, hook: &str, reach: Reach) -> Option<Turn> {
+    /// once per pending event. Returns the failure when it starts a cool-down.
+    fn observe(&self, health: &mut HashMap<String, Health>, hook: &str, reach: Reach) -> Option<Failure> {
         let h = health.entry(hook.to_owned()).or_default();
         h.in_flight = h.in_flight.saturating_sub(1);
         let mut started = None;
         match reach {
             Reach::Up => {
-                if h.held {
-                    started = Some(Turn::Recovered(hook.to_owned()));
+                if h.failures > 0 {
+                    tracing::info!(webhook = %hook, "webhook receiver answers again; sending what waited");
                 }
                 h.failures = 0;
                 h.cool_until = None;
-                h.held = false;
+                self.webhooks.set_failing(hook, None);
             }
             Reach::Down { retry_after, status, error } => {
                 let now = Instant::now();
@@ -402,10 +408,10 @@ impl Deliverer {
                     Duration::from_secs(self.settings.max_backoff_s).min(MAX_COOL_DOWN),
                 );
                 h.cool_until = h.cool_until.max(Some(now + pause));
+                let next_probe = time::OffsetDateTime::now_utc() + h.cool_until.map_or(pause, |t| t - now);
+                self.webhooks.set_failing(hook, Some(super::Failing { error: error.clone(), next_probe }));
                 if starts {
-                    h.held = true;
-                    h.probe_released = false;
-                    started = Some(Turn::Failed(Failure { hook: hook.to_owned(), status, error }));
+                    started = Some(Failure { hook: hook.to_owned(), status, error });
                 }
             }
             Reach::NotCalled => {}
@@ -416,40 +422,67 @@ impl Deliverer {
         started
     }
 
-    /// Applies what a finished call taught: a webhook that started failing has its
-    /// events held back; one that recovered has them released.
-    async fn turn(
+    /// What the next claim asks for: a share of `want` for each enabled webhook that
+    /// may be called now, one row for a webhook whose cool-down is over (its probe),
+    /// nothing for one cooling down or probing. A webhook changed since its failures
+    /// (a fixed URL, new credentials) starts afresh.
+    fn wants(
         &self,
-        turn: Turn,
-        backlog: &mut VecDeque<(Delivery, Instant)>,
-        done: &tokio::sync::mpsc::UnboundedSender<(i64, DeliveryUpdate)>,
-    ) {
-        match turn {
-            Turn::Failed(f) => self.hold_during_cool_down(&f, backlog, done).await,
-            Turn::Recovered(hook) => {
-                let now = unix_micros(time::OffsetDateTime::now_utc());
-                match self.store.release_held_deliveries(Some(&hook), now, None).await {
-                    Ok(n) => {
-                        tracing::info!(webhook = %hook, deliveries = n, "webhook receiver answers again; sending what waited")
-                    }
-                    Err(e) => tracing::warn!(error = %e, webhook = %hook, "could not release held deliveries"),
+        want: usize,
+        health: &mut HashMap<String, Health>,
+        backlog: &VecDeque<(Delivery, Instant)>,
+    ) -> Vec<(String, usize)> {
+        let set = self.webhooks.current();
+        let now = Instant::now();
+        let (mut open, mut probes) = (Vec::new(), Vec::new());
+        for hook in set.hooks.values().filter(|h| h.enabled) {
+            let Some(h) = health.get_mut(&hook.id) else {
+                open.push(hook.id.clone());
+                continue;
+            };
+            if h.version != hook.version {
+                if h.version != 0 {
+                    h.failures = 0;
+                    h.cool_until = None;
+                    self.webhooks.set_failing(&hook.id, None);
                 }
+                h.version = hook.version;
+            }
+            if h.paused(now) {
+                continue;
+            }
+            if h.failures == 0 {
+                open.push(hook.id.clone());
+            } else if !backlog.iter().any(|(d, _)| d.webhook_id == hook.id) {
+                probes.push((hook.id.clone(), 1));
             }
         }
+        let share = want.div_ceil(open.len().max(1));
+        open.into_iter().map(|id| (id, share)).chain(probes).collect()
     }
 
-    /// Holds back the webhook's other due events until its receiver answers again
-    /// (those in the store in one write, those in this loop's backlog through the
-    /// result writer), and fails those that have waited longer than their whole retry
-    /// schedule. A claim never meets held rows, so they cost nothing while they wait.
-    async fn hold_during_cool_down(
+    /// A webhook started failing: its rows in this loop's backlog go back to the store
+    /// (due as they were, no attempt counted), and its rows overdue by more than their
+    /// whole retry schedule fail, in the background, in short writes.
+    fn on_failure(
         &self,
         f: &Failure,
         backlog: &mut VecDeque<(Delivery, Instant)>,
         done: &tokio::sync::mpsc::UnboundedSender<(i64, DeliveryUpdate)>,
+        give_ups: &mut HashMap<String, tokio::task::JoinHandle<()>>,
     ) {
+        backlog.retain(|(d, _)| {
+            if d.webhook_id != f.hook {
+                return true;
+            }
+            let _ = done.send((d.id, unclaim(d)));
+            false
+        });
+        give_ups.retain(|_, task| !task.is_finished());
+        if give_ups.contains_key(&f.hook) {
+            return;
+        }
         let Some(hook) = self.webhooks.current().hooks.get(&f.hook).cloned() else { return };
-        let now = time::OffsetDateTime::now_utc();
         let schedule = (1..hook.max_attempts).fold(Duration::ZERO, |total, attempt| {
             total
                 + backoff(
@@ -459,49 +492,53 @@ impl Deliverer {
                     Duration::from_secs(self.settings.max_backoff_s),
                 )
         });
-        let expire_before = crate::store::format_time(now - schedule);
-        let until = HELD_UNTIL_US;
-        let held = format!("waiting: the receiver is failing ({})", f.error);
+        let now = time::OffsetDateTime::now_utc();
+        let (now_us, due_before_us) = (unix_micros(now), unix_micros(now - schedule));
         let expired = format!("gave up: the receiver kept failing for longer than the retry schedule ({})", f.error);
-        match self
-            .store
-            .hold_due_deliveries(&f.hook, unix_micros(now), until, &expire_before, f.status, &held, &expired)
-            .await
-        {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(webhook = %f.hook, deliveries = n, "receiver failing; its due events wait"),
-            Err(e) => tracing::warn!(error = %e, webhook = %f.hook, "could not hold back a failing webhook's events"),
-        }
-        backlog.retain(|(d, _)| {
-            if d.webhook_id != f.hook {
-                return true;
+        let (store, status, id) = (self.store.clone(), f.status, f.hook.clone());
+        let failed = self.metrics.deliveries.with_label_values(&[&f.hook, "failed"]);
+        let task = tokio::spawn(async move {
+            match fail_pending_in_chunks(&*store, &id, now_us, due_before_us, status, &expired).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    failed.inc_by(n);
+                    tracing::warn!(webhook = %id, deliveries = n, "webhook deliveries failed for good: the receiver kept failing for longer than their retry schedule");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, webhook = %id, "could not fail a failing webhook's overdue deliveries")
+                }
             }
-            let too_old = d.created_at.as_str() < expire_before.as_str();
-            let update = DeliveryUpdate {
-                state: if too_old { DeliveryState::Failed } else { DeliveryState::Pending },
-                attempts: d.attempts,
-                last_status: if too_old { f.status } else { d.last_status },
-                last_error: Some(if too_old { expired.clone() } else { held.clone() }),
-                next_attempt_us: until,
-            };
-            if too_old {
-                self.metrics.deliveries.with_label_values(&[&f.hook, "failed"]).inc();
-            }
-            let _ = done.send((d.id, update));
-            false
         });
+        give_ups.insert(f.hook.clone(), task);
     }
 
-    /// For each failing webhook whose cool-down is over and that has nothing in
-    /// flight, makes its oldest held event due: that event is the probe.
-    async fn release_probes(&self, health: &mut HashMap<String, Health>) {
-        let now = Instant::now();
-        for (hook, h) in health.iter_mut() {
-            if h.held && !h.probe_released && h.in_flight == 0 && h.cool_until.is_none_or(|t| t <= now) {
-                let at = unix_micros(time::OffsetDateTime::now_utc());
-                match self.store.release_held_deliveries(Some(hook), at, Some(1)).await {
-                    Ok(_) => h.probe_released = true,
-                    Err(e) => tracing::warn!(error = %e, webhook = %hook, "could not release a probe"),
+    /// Fails the pending events of webhooks this replica does not know (deleted while it
+    /// was down, or their delete could not finish), once they have been due for
+    /// [`UNKNOWN_GRACE`]: a webhook created on another replica a moment ago is known
+    /// here well before that.
+    async fn sweep_orphans(self: Arc<Self>) {
+        let hooks = match self.store.pending_webhooks().await {
+            Ok(hooks) => hooks,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the webhooks with pending deliveries");
+                return;
+            }
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let (now_us, due_before_us) = (unix_micros(now), unix_micros(now - UNKNOWN_GRACE));
+        for id in hooks {
+            if self.webhooks.current().hooks.contains_key(&id) {
+                continue;
+            }
+            match fail_pending_in_chunks(&*self.store, &id, now_us, due_before_us, None, "the webhook was deleted")
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(webhook = %id, deliveries = n, "failed the pending deliveries of a webhook that no longer exists")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, webhook = %id, "could not fail the deliveries of an unknown webhook")
                 }
             }
         }
@@ -509,7 +546,7 @@ impl Deliverer {
 
     /// Hands back (unclaims, due now, without counting an attempt) backlog rows that
     /// waited so long for a slot that their lease could run out. (Rows of a webhook that
-    /// starts cooling down leave the backlog in [`Deliverer::hold_during_cool_down`].)
+    /// starts cooling down leave the backlog in [`Deliverer::on_failure`].)
     fn hand_back_stale(
         &self,
         backlog: &mut VecDeque<(Delivery, Instant)>,
@@ -520,7 +557,7 @@ impl Deliverer {
             if claimed.elapsed() <= stale {
                 return true;
             }
-            let _ = done.send((d.id, hold(d, Duration::ZERO)));
+            let _ = done.send((d.id, unclaim(d)));
             false
         });
     }
@@ -573,11 +610,14 @@ impl Deliverer {
         }
     }
 
-    async fn claim(&self, limit: usize, except: &[String]) -> Result<Vec<Delivery>, StoreError> {
+    async fn claim(&self, wants: &[(String, usize)]) -> Result<Vec<Delivery>, StoreError> {
+        if wants.is_empty() {
+            return Ok(Vec::new());
+        }
         let now = unix_micros(time::OffsetDateTime::now_utc());
         let lease = Duration::from_millis(crate::rule::MAX_TIMEOUT_MS) + LEASE_MARGIN;
         let lease_us = i64::try_from(lease.as_micros()).unwrap_or(i64::MAX);
-        self.store.claim_deliveries_except(&self.owner, now, lease_us, limit, except).await
+        self.store.claim_deliveries(&self.owner, now, lease_us, wants).await
     }
 
     /// One attempt of a claimed delivery: what to record for it, and whether the
@@ -667,15 +707,6 @@ enum Reach {
     NotCalled,
 }
 
-/// What a finished call changes for its webhook.
-#[derive(Debug)]
-enum Turn {
-    /// It started failing: hold its events back.
-    Failed(Failure),
-    /// It answered after failing: release what was held.
-    Recovered(String),
-}
-
 /// A receiver's failure that started a cool-down.
 #[derive(Debug)]
 struct Failure {
@@ -692,28 +723,27 @@ struct Health {
     failures: u32,
     /// No calls before this (set after a failure).
     cool_until: Option<Instant>,
-    /// Its events are held back in the store (it is failing).
-    held: bool,
-    /// One held event was released as this cool-down's probe.
-    probe_released: bool,
+    /// The webhook's version its failures were seen with (0: not looked at yet).
+    version: i64,
 }
 
 impl Health {
-    /// Whether the loop holds this webhook's rows back now: it is cooling down, or it
+    /// Whether the loop leaves this webhook's rows alone now: it is cooling down, or it
     /// is failing and its one probe is in flight.
     fn paused(&self, now: Instant) -> bool {
         (self.failures > 0 && self.in_flight > 0) || self.cool_until.is_some_and(|t| t > now)
     }
 }
 
-/// Unclaims a delivery, due again in `delay`, keeping its attempts and last result.
-fn hold(d: &Delivery, delay: Duration) -> DeliveryUpdate {
+/// Unclaims a delivery, due when it was, keeping its attempts and last result.
+fn unclaim(d: &Delivery) -> DeliveryUpdate {
+    let due = d.next_attempt_at.as_deref().and_then(parse_time).unwrap_or_else(time::OffsetDateTime::now_utc);
     DeliveryUpdate {
         state: DeliveryState::Pending,
         attempts: d.attempts,
         last_status: d.last_status,
         last_error: d.last_error.clone(),
-        next_attempt_us: unix_micros(time::OffsetDateTime::now_utc() + delay),
+        next_attempt_us: unix_micros(due),
     }
 }
 

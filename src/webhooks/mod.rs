@@ -469,6 +469,18 @@ pub struct Webhooks {
     replica: String,
     /// Wakes the delivery worker when events were recorded.
     wake: tokio::sync::Notify,
+    /// Webhooks whose receiver this replica's delivery loop sees failing: why, and when
+    /// it is probed next. Shown on waiting deliveries, which are not rewritten.
+    failing: std::sync::Mutex<BTreeMap<String, Failing>>,
+}
+
+/// A receiver the delivery loop sees failing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failing {
+    /// The last failure (`HTTP 503`, `connection refused`, …).
+    pub error: String,
+    /// When the next probe may go.
+    pub next_probe: time::OffsetDateTime,
 }
 
 impl Webhooks {
@@ -479,7 +491,22 @@ impl Webhooks {
             instance: instance.to_owned(),
             replica: replica.to_owned(),
             wake: tokio::sync::Notify::new(),
+            failing: std::sync::Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Records that `hook`'s receiver is failing (`Some`) or answers (`None`).
+    pub fn set_failing(&self, hook: &str, failing: Option<Failing>) {
+        let mut map = self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match failing {
+            Some(f) => map.insert(hook.to_owned(), f),
+            None => map.remove(hook),
+        };
+    }
+
+    /// Whether this replica sees `hook`'s receiver failing.
+    pub fn failing(&self, hook: &str) -> Option<Failing> {
+        self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(hook).cloned()
     }
 
     /// Swaps in a new set (after the store committed the change).

@@ -34,6 +34,8 @@ pub struct AppOptions {
     pub no_tokens: bool,
     /// Adjust settings before start.
     pub tweak: Option<Tweak>,
+    /// Start on this directory (prepared by the test) instead of a new one.
+    pub dir: Option<tempfile::TempDir>,
 }
 
 /// Settings for a test app in `dir` (on PostgreSQL under [`PG_SWITCH`]).
@@ -69,7 +71,10 @@ pub async fn spawn_app(rules: Value, policies: Value) -> TestApp {
 
 /// Starts verdict with options.
 pub async fn spawn_app_with(options: AppOptions) -> TestApp {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = match options.dir {
+        Some(dir) => dir,
+        None => tempfile::tempdir().expect("tempdir"),
+    };
     for (name, body) in &options.files {
         write_policy_file(dir.path(), name, body);
     }

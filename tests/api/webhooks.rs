@@ -1968,6 +1968,9 @@ async fn a_failing_receiver_is_probed_at_the_cool_down_pace_not_once_per_event_a
     let waiting: Vec<&Value> = pending.iter().filter(|d| d["attempts"] == 0).collect();
     assert!(!waiting.is_empty(), "{pending:?}");
     assert!(waiting.iter().all(|d| d["last_error"].as_str().is_some_and(|e| e.contains("HTTP 503"))), "{waiting:?}");
+    // …but they are not rewritten while they wait: a failing receiver costs the store
+    // nothing per waiting event.
+    assert!(waiting.iter().all(|d| d["updated_at"] == d["created_at"]), "{waiting:?}");
     let attempts: u64 = pending.iter().map(|d| d["attempts"].as_u64().unwrap()).sum();
     assert!(attempts <= during as u64, "{attempts} attempts recorded for {during} calls");
 
@@ -1979,4 +1982,78 @@ async fn a_failing_receiver_is_probed_at_the_cool_down_pace_not_once_per_event_a
     .await;
     let got: BTreeSet<String> = detail_decision_ids(&recv.hits_on("/flaky"));
     assert_eq!(got, decided);
+}
+
+/// Events that wait longer than their whole retry schedule for a receiver that keeps
+/// failing fail for good ("gave up"), without a call each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_overdue_by_their_whole_retry_schedule_give_up_without_a_call_each() {
+    let api = posture_api().await;
+    let recv = Receiver::start(|_, _| Reply::status(503)).await;
+    let app = start_app(&api).await;
+    // max_attempts 2: the schedule is one 200 ms backoff.
+    let hook = json!({"id": "gone", "url": recv.url("/gone"), "events": ["decision.denied"], "max_attempts": 2});
+    create_webhook(&app, hook).await;
+    for i in 0..30 {
+        deny(&app, "payroll", &format!("u{i}")).await;
+    }
+    let items = wait_deliveries(&app, "gone", "every delivery failed for good", |items| {
+        items.len() == 30 && all_in_state(items, "failed")
+    })
+    .await;
+    let calls = recv.hits_on("/gone").len();
+    let attempts: u64 = items.iter().map(|d| d["attempts"].as_u64().unwrap()).sum();
+    assert!(attempts <= calls as u64, "{attempts} attempts recorded for {calls} calls");
+    assert!(calls < 30, "{calls} calls for 30 events: not cooled down as one receiver");
+    let gave_up: Vec<&Value> = items.iter().filter(|d| d["attempts"] == 0).collect();
+    assert!(!gave_up.is_empty(), "{items:?}");
+    for d in &gave_up {
+        let error = d["last_error"].as_str().unwrap_or_default();
+        assert!(error.starts_with("gave up:") && error.contains("HTTP 503"), "{d}");
+        assert_eq!(d["last_status"], 503, "{d}");
+        assert_eq!(d["next_attempt_at"], Value::Null, "{d}");
+    }
+}
+
+/// Pending events of a webhook that no longer exists (deleted while verdict was down)
+/// fail when the delivery loop starts, once they have been due for the grace period a
+/// webhook created on another replica needs to be known here; younger ones wait.
+#[tokio::test]
+async fn pending_events_of_an_unknown_webhook_fail_after_a_grace_period() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = open_test_store(dir.path()).await;
+        let event = |id: &str| verdict::store::OutboxEvent {
+            webhook_id: "ghost".into(),
+            event_id: id.into(),
+            event_type: "decision.denied".into(),
+            payload: json!({"id": id}).to_string(),
+            max_attempts: 8,
+        };
+        store.enqueue_events(&[event("old"), event("young")]).await.unwrap();
+        let now = verdict::store::unix_micros(time::OffsetDateTime::now_utc());
+        let claimed = store.claim_deliveries("prep", now, 60_000_000, &[("ghost".to_string(), 1)]).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        let an_hour_ago = verdict::store::DeliveryUpdate {
+            state: verdict::store::DeliveryState::Pending,
+            attempts: 1,
+            last_status: Some(503),
+            last_error: Some("HTTP 503".into()),
+            next_attempt_us: now - 3_600_000_000,
+        };
+        store.finish_delivery(claimed[0].id, &an_hour_ago).await.unwrap();
+    }
+    let app = spawn_app_with(AppOptions { tweak: fast(), dir: Some(dir), ..Default::default() }).await;
+    let old = wait_for("the old event of the unknown webhook failed", 30, || async {
+        let d = app.state.store.get_delivery("ghost", "old").await.unwrap().expect("still there");
+        if d.state == verdict::store::DeliveryState::Failed {
+            Ok(d)
+        } else {
+            Err(format!("{d:?}"))
+        }
+    })
+    .await;
+    assert_eq!((old.last_error.as_deref(), old.last_status), (Some("the webhook was deleted"), Some(503)));
+    let young = app.state.store.get_delivery("ghost", "young").await.unwrap().expect("still there");
+    assert_eq!(young.state, verdict::store::DeliveryState::Pending, "within the grace period");
 }
