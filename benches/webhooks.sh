@@ -15,7 +15,7 @@
 #   - the webhook receiver: a second nginx whose POST /hook answers 200 `ok` and logs
 #     each call's X-Verdict-Event-Id (benches/webhooks/receiver-nginx.conf.template);
 #   - verdict (release build; SQLite in the temp dir, the default config: activity log
-#     durable before each answer, webhook worker poll_ms 1000, concurrency 16) with
+#     durable before each answer, webhook worker poll_ms 1000, concurrency 32) with
 #     benches/webhooks/policies.json.template: application `payroll` -> rule
 #     `bench-deny` (one uncached POST to the API; equals $.status "compliant", so every
 #     decision is a deny; on_error `allow`, so a rule error would not pass as a deny).
@@ -325,7 +325,7 @@ mkdir -p "$(dirname "$RESULTS")"
   echo "- machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), shared with wrk, both nginx and whatever else runs (other builds and tests: noisy; compare the ratio, not absolute numbers across runs)"
   echo "- load before: \`${LOAD_BEFORE##*load average: }\`, after: \`${LOAD_AFTER##*load average: }\` (1, 5, 15 min)"
   echo "- wrk: -t$THREADS -c$CONNECTIONS -d${DURATION}s --latency, POST /v1/decisions (application \`payroll\`, one uncached rule whose API answers \`noncompliant\`: every answer a 200 deny, checked); $RUNS alternating rounds after ${WARMUP}s warm-up of each; medians over the rounds"
-  echo "- verdict: release build, SQLite in the temp dir, default config (activity log and outbox fsynced before each answer; webhook worker poll_ms 1000, concurrency 16)"
+  echo "- verdict: release build, SQLite in the temp dir, default config (activity log and outbox fsynced before each answer; webhook worker poll_ms 1000, concurrency 32)"
   echo "- webhook: \`${HOOK_SPEC//$HOOK_URL/http://127.0.0.1:<receiver>/hook}\`, receiver nginx answering 200 \`ok\`; created before each webhook run, deleted after its outbox drained"
   echo
   echo "| configuration | req/s | p50 ms | p99 ms | req/s per run |"
