@@ -51,6 +51,10 @@ const CLAIM_PAUSE: Duration = Duration::from_millis(50);
 const MAX_COOL_DOWN: Duration = Duration::from_secs(60);
 /// Most attempt results recorded in one store write.
 const MAX_RESULT_BATCH: usize = 512;
+/// How often a failing webhook's overdue rows are looked for.
+const GIVE_UP_EVERY: Duration = Duration::from_secs(5);
+/// The outbox depth is refreshed at most once per this many times its count took.
+const DEPTH_BUDGET_FACTOR: u32 = 20;
 /// How often pending events of webhooks this replica does not know are looked for.
 const ORPHAN_SWEEP: Duration = Duration::from_secs(60);
 
@@ -301,17 +305,18 @@ impl Deliverer {
         // Background writes failing a webhook's overdue rows, at most one per webhook.
         let mut give_ups: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
         let mut next_sweep = Instant::now();
-        let mut last_depth = Instant::now() - poll;
+        let mut next_depth = Instant::now();
         let mut next_claim = Instant::now();
         loop {
             while let Some(joined) = in_flight.try_join_next() {
                 if let Ok((hook, reach)) = joined {
-                    if let Some(failure) = self.observe(&mut health, &hook, reach) {
-                        self.on_failure(&failure, &mut backlog, &done_tx, &mut give_ups);
+                    if let Some(failing) = self.observe(&mut health, &hook, reach) {
+                        self.on_failure(&failing, &mut backlog, &done_tx);
                     }
                 }
             }
             self.hand_back_stale(&mut backlog, &done_tx);
+            self.give_up_overdue(&mut health, &mut give_ups);
             if Instant::now() >= next_sweep {
                 next_sweep = Instant::now() + ORPHAN_SWEEP;
                 tokio::spawn(self.clone().sweep_orphans());
@@ -345,11 +350,15 @@ impl Deliverer {
                 }
                 self.dispatch(&mut backlog, &mut health, &mut in_flight, slots, &done_tx);
             }
-            if last_depth.elapsed() >= poll {
-                last_depth = Instant::now();
+            if Instant::now() >= next_depth {
+                // Counting pending rows reads the whole due index: with a receiver down
+                // for minutes that is a million entries. Refreshed every `poll_ms`, but
+                // never spending more than ~5% of a core on it.
+                let started = Instant::now();
                 if let Ok(depth) = self.store.outbox_depth().await {
                     self.metrics.depth.set(i64::try_from(depth).unwrap_or(i64::MAX));
                 }
+                next_depth = Instant::now() + poll.max(started.elapsed() * DEPTH_BUDGET_FACTOR);
             }
             if more_due && in_flight.len() < slots {
                 continue;
@@ -368,8 +377,8 @@ impl Deliverer {
                 _ = tokio::time::sleep(nap) => {}
                 Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
                     if let Ok((hook, reach)) = joined {
-                        if let Some(failure) = self.observe(&mut health, &hook, reach) {
-                            self.on_failure(&failure, &mut backlog, &done_tx, &mut give_ups);
+                        if let Some(failing) = self.observe(&mut health, &hook, reach) {
+                            self.on_failure(&failing, &mut backlog, &done_tx);
                         }
                     }
                 }
@@ -380,8 +389,8 @@ impl Deliverer {
     /// Learns from a finished call whether the webhook's receiver answers: a failure
     /// cools the whole webhook down (base doubled per failure in a row, or the
     /// receiver's `Retry-After`), so a dead receiver is probed at that pace instead of
-    /// once per pending event. Returns the failure when it starts a cool-down.
-    fn observe(&self, health: &mut HashMap<String, Health>, hook: &str, reach: Reach) -> Option<Failure> {
+    /// once per pending event. Returns the webhook when this failure starts a cool-down.
+    fn observe(&self, health: &mut HashMap<String, Health>, hook: &str, reach: Reach) -> Option<String> {
         let h = health.entry(hook.to_owned()).or_default();
         h.in_flight = h.in_flight.saturating_sub(1);
         let mut started = None;
@@ -408,10 +417,11 @@ impl Deliverer {
                     Duration::from_secs(self.settings.max_backoff_s).min(MAX_COOL_DOWN),
                 );
                 h.cool_until = h.cool_until.max(Some(now + pause));
+                h.last_failure = Some((status, error.clone()));
                 let next_probe = time::OffsetDateTime::now_utc() + h.cool_until.map_or(pause, |t| t - now);
-                self.webhooks.set_failing(hook, Some(super::Failing { error: error.clone(), next_probe }));
+                self.webhooks.set_failing(hook, Some(super::Failing { error, next_probe }));
                 if starts {
-                    started = Some(Failure { hook: hook.to_owned(), status, error });
+                    started = Some(hook.to_owned());
                 }
             }
             Reach::NotCalled => {}
@@ -462,54 +472,69 @@ impl Deliverer {
     }
 
     /// A webhook started failing: its rows in this loop's backlog go back to the store
-    /// (due as they were, no attempt counted), and its rows overdue by more than their
-    /// whole retry schedule fail, in the background, in short writes.
+    /// (due as they were, no attempt counted).
     fn on_failure(
         &self,
-        f: &Failure,
+        hook: &str,
         backlog: &mut VecDeque<(Delivery, Instant)>,
         done: &tokio::sync::mpsc::UnboundedSender<(i64, DeliveryUpdate)>,
-        give_ups: &mut HashMap<String, tokio::task::JoinHandle<()>>,
     ) {
         backlog.retain(|(d, _)| {
-            if d.webhook_id != f.hook {
+            if d.webhook_id != hook {
                 return true;
             }
             let _ = done.send((d.id, unclaim(d)));
             false
         });
+    }
+
+    /// For each webhook whose receiver is failing, at most every [`GIVE_UP_EVERY`]:
+    /// fails its rows overdue by more than their whole retry schedule, in a background
+    /// task, in short writes. Often enough that each pass is small (a few seconds of
+    /// events), rather than a wave once per cool-down.
+    fn give_up_overdue(
+        &self,
+        health: &mut HashMap<String, Health>,
+        give_ups: &mut HashMap<String, tokio::task::JoinHandle<()>>,
+    ) {
         give_ups.retain(|_, task| !task.is_finished());
-        if give_ups.contains_key(&f.hook) {
-            return;
-        }
-        let Some(hook) = self.webhooks.current().hooks.get(&f.hook).cloned() else { return };
-        let schedule = (1..hook.max_attempts).fold(Duration::ZERO, |total, attempt| {
-            total
-                + backoff(
-                    attempt,
-                    Duration::from_millis(self.settings.backoff_base_ms),
-                    None,
-                    Duration::from_secs(self.settings.max_backoff_s),
-                )
-        });
-        let now = time::OffsetDateTime::now_utc();
-        let (now_us, due_before_us) = (unix_micros(now), unix_micros(now - schedule));
-        let expired = format!("gave up: the receiver kept failing for longer than the retry schedule ({})", f.error);
-        let (store, status, id) = (self.store.clone(), f.status, f.hook.clone());
-        let failed = self.metrics.deliveries.with_label_values(&[&f.hook, "failed"]);
-        let task = tokio::spawn(async move {
-            match fail_pending_in_chunks(&*store, &id, now_us, due_before_us, status, &expired).await {
-                Ok(0) => {}
-                Ok(n) => {
-                    failed.inc_by(n);
-                    tracing::warn!(webhook = %id, deliveries = n, "webhook deliveries failed for good: the receiver kept failing for longer than their retry schedule");
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, webhook = %id, "could not fail a failing webhook's overdue deliveries")
-                }
+        let now = Instant::now();
+        let set = self.webhooks.current();
+        for (id, h) in health.iter_mut() {
+            let Some((status, error)) = h.last_failure.as_ref().filter(|_| h.failures > 0) else { continue };
+            if h.next_give_up.is_some_and(|t| t > now) || give_ups.contains_key(id) {
+                continue;
             }
-        });
-        give_ups.insert(f.hook.clone(), task);
+            let Some(hook) = set.hooks.get(id) else { continue };
+            h.next_give_up = Some(now + GIVE_UP_EVERY);
+            let schedule = (1..hook.max_attempts).fold(Duration::ZERO, |total, attempt| {
+                total
+                    + backoff(
+                        attempt,
+                        Duration::from_millis(self.settings.backoff_base_ms),
+                        None,
+                        Duration::from_secs(self.settings.max_backoff_s),
+                    )
+            });
+            let wall = time::OffsetDateTime::now_utc();
+            let (now_us, due_before_us) = (unix_micros(wall), unix_micros(wall - schedule));
+            let expired = format!("gave up: the receiver kept failing for longer than the retry schedule ({error})");
+            let (store, status, hook_id) = (self.store.clone(), *status, id.clone());
+            let failed = self.metrics.deliveries.with_label_values(&[id, "failed"]);
+            let task = tokio::spawn(async move {
+                match fail_pending_in_chunks(&*store, &hook_id, now_us, due_before_us, status, &expired).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        failed.inc_by(n);
+                        tracing::warn!(webhook = %hook_id, deliveries = n, "webhook deliveries failed for good: the receiver kept failing for longer than their retry schedule");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, webhook = %hook_id, "could not fail a failing webhook's overdue deliveries")
+                    }
+                }
+            });
+            give_ups.insert(id.clone(), task);
+        }
     }
 
     /// Fails the pending events of webhooks this replica does not know (deleted while it
@@ -707,14 +732,6 @@ enum Reach {
     NotCalled,
 }
 
-/// A receiver's failure that started a cool-down.
-#[derive(Debug)]
-struct Failure {
-    hook: String,
-    status: Option<u16>,
-    error: String,
-}
-
 /// What the delivery loop knows of one webhook's receiver.
 #[derive(Debug, Default)]
 struct Health {
@@ -725,6 +742,10 @@ struct Health {
     cool_until: Option<Instant>,
     /// The webhook's version its failures were seen with (0: not looked at yet).
     version: i64,
+    /// The last failure's status and error.
+    last_failure: Option<(Option<u16>, String)>,
+    /// No give-up pass before this.
+    next_give_up: Option<Instant>,
 }
 
 impl Health {
