@@ -965,7 +965,7 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// Rows one [`Store::fail_pending_deliveries`] write fails at most.
-pub const FAIL_CHUNK: u32 = 2000;
+pub const FAIL_CHUNK: u32 = 500;
 
 /// [`Store::fail_pending_deliveries`] repeated until no full chunk comes back: fails
 /// every matching row in writes of [`FAIL_CHUNK`], yielding between them so decisions
