@@ -37,8 +37,9 @@
 //!   CTE inserts the entries and `RETURNING decision_id`, and the outer `INSERT` writes the
 //!   events of exactly those entries (a known decision, a replayed spool line, adds
 //!   nothing); a batch without events runs the plain statement. `commit` inserts the
-//!   [`AuditHook`]'s events inside its transaction. Replicas claim due rows with
-//!   `SELECT … FOR UPDATE SKIP LOCKED` under an `UPDATE` that sets a lease
+//!   [`AuditHook`]'s events inside its transaction. Replicas claim due rows of the
+//!   webhooks they name (a range of the due index each, migration 4, through `unnest` and
+//!   `LATERAL`) with `SELECT … FOR UPDATE SKIP LOCKED` under an `UPDATE` that sets a lease
 //!   (`claimed_by`, `claimed_until_us`): two replicas claiming at once get disjoint rows,
 //!   and a replica that dies mid-delivery frees its rows when the lease runs out, so each
 //!   event is delivered by one replica (at least once).

@@ -23,8 +23,9 @@
 //! inserted), a `commit` (from the [`AuditHook`]'s events) — so an answered decision or a
 //! committed change never lacks its events. A batch without events prepares nothing
 //! more than before. Delivery workers claim due rows with a lease (`claimed_by`,
-//! `claimed_until_us`), one `UPDATE … RETURNING` on the writer connection, which
-//! serialises claims; a lease that runs out (a crashed process) frees the row.
+//! `claimed_until_us`), one `UPDATE … RETURNING` per named webhook (a range of the due
+//! index, migration 4) in one job on the writer connection, which serialises claims; a
+//! lease that runs out (a crashed process) frees the row.
 //! `AUTOINCREMENT` keeps row ids (the listing order and cursor) from being reused after
 //! pruning.
 //!
