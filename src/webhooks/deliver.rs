@@ -443,6 +443,14 @@ impl Deliverer {
         backlog: &VecDeque<(Delivery, Instant)>,
     ) -> Vec<(String, usize)> {
         let set = self.webhooks.current();
+        // Forget deleted webhooks (once nothing of theirs is in flight).
+        health.retain(|id, h| {
+            let keep = h.in_flight > 0 || set.hooks.contains_key(id);
+            if !keep {
+                self.webhooks.set_failing(id, None);
+            }
+            keep
+        });
         let now = Instant::now();
         let (mut open, mut probes) = (Vec::new(), Vec::new());
         for hook in set.hooks.values().filter(|h| h.enabled) {
