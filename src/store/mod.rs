@@ -468,7 +468,8 @@ pub struct Delivery {
     pub max_attempts: u32,
     /// HTTP status of the last attempt, when it got an answer.
     pub last_status: Option<u16>,
-    /// Why the last attempt did not deliver.
+    /// Why the last attempt did not deliver; for an event not tried yet while this
+    /// replica sees the receiver failing, why it waits (`waiting: …`, added by the API).
     pub last_error: Option<String>,
     /// RFC 3339 time of the next attempt while `pending`; `None` otherwise.
     pub next_attempt_at: Option<String>,
