@@ -7,7 +7,7 @@
 //! registry, under its write lock; memory changes only after the store committed, and
 //! nothing is stored when validation fails.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -76,6 +76,10 @@ pub struct Registry {
     store: Arc<dyn Store>,
     policies_dir: PathBuf,
     files_loaded: std::sync::atomic::AtomicBool,
+    /// Background tasks failing the pending deliveries of deleted webhooks, by id: a
+    /// webhook created again with that id waits for its task, so its own first events
+    /// are never failed by the old one's cleanup.
+    webhook_cleanups: std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
 }
 
 impl Registry {
@@ -88,6 +92,7 @@ impl Registry {
             store,
             policies_dir,
             files_loaded: false.into(),
+            webhook_cleanups: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -528,6 +533,13 @@ impl Registry {
             before: before.as_deref().map(Webhook::to_json),
             after: after.as_deref().map(Webhook::to_json),
         };
+        if after.is_some() {
+            let cleanup = self.webhook_cleanups.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
+            if let Some(task) = cleanup {
+                // Under the registry lock: nothing else writes webhooks meanwhile.
+                let _ = task.await;
+            }
+        }
         self.store.commit(vec![change], vec![audit]).await?;
         match after {
             Some(h) => guard.webhooks.insert(id.clone(), h),
@@ -536,14 +548,24 @@ impl Registry {
         self.webhooks.replace(guard.webhooks.clone());
         if action == AuditAction::Delete {
             // Its pending events can no longer go anywhere (and, the set replaced, no new
-            // ones are written for it). In short writes, under the registry lock, so a
-            // webhook re-created with this id does not lose its first events.
-            let error = "the webhook was deleted";
-            if let Err(e) =
-                crate::store::fail_pending_in_chunks(&*self.store, &id, i64::MAX, i64::MAX, None, error).await
-            {
-                tracing::warn!(webhook = %id, error = %e, "could not fail the deleted webhook's pending deliveries");
-            }
+            // ones are written for it). In the background, in short writes: a webhook
+            // whose receiver was down for minutes has a million of them.
+            let (store, hook) = (self.store.clone(), id.clone());
+            let task = tokio::spawn(async move {
+                let error = "the webhook was deleted";
+                match crate::store::fail_pending_in_chunks(&*store, &hook, i64::MAX, i64::MAX, None, error).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(webhook = %hook, deliveries = n, "failed the deleted webhook's pending deliveries")
+                    }
+                    Err(e) => {
+                        tracing::warn!(webhook = %hook, error = %e, "could not fail the deleted webhook's pending deliveries")
+                    }
+                }
+            });
+            let mut cleanups = self.webhook_cleanups.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            cleanups.retain(|_, t| !t.is_finished());
+            cleanups.insert(id, task);
         }
         Ok(())
     }

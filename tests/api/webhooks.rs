@@ -2057,3 +2057,41 @@ async fn pending_events_of_an_unknown_webhook_fail_after_a_grace_period() {
     let young = app.state.store.get_delivery("ghost", "young").await.unwrap().expect("still there");
     assert_eq!(young.state, verdict::store::DeliveryState::Pending, "within the grace period");
 }
+
+/// Deleting a webhook fails its pending events (in the background); a webhook created
+/// again with the same id is not touched by that cleanup and gets its own events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_webhook_fails_its_pending_events_and_a_new_one_with_its_id_starts_clean() {
+    let api = posture_api().await;
+    let app = start_app(&api).await;
+    let dead = json!({"id": "siem", "url": format!("{}/hook", closed_origin()), "events": ["decision.denied"]});
+    create_webhook(&app, dead).await;
+    for i in 0..10 {
+        deny(&app, "payroll", &format!("u{i}")).await;
+    }
+    let pending = deliveries(&app, "siem").await;
+    assert_eq!(pending.len(), 10);
+    assert!(all_in_state(&pending, "pending"), "{pending:?}");
+
+    let deleted = app.request(Method::DELETE, "/v1/webhooks/siem").bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+    assert_eq!(deleted.status().as_u16(), 204);
+    let recv = Receiver::ok().await;
+    // Re-created at once: the create waits for the old cleanup, so it cannot fail the
+    // new webhook's events.
+    create_webhook(&app, json!({"id": "siem", "url": recv.url("/siem"), "events": ["decision.denied"]})).await;
+    let fresh = decision_id(&deny(&app, "payroll", "after").await);
+    let hits = wait_hits(&recv, "/siem", 1).await;
+    assert_eq!(detail_decision_ids(&hits), BTreeSet::from([fresh.clone()]));
+
+    let items = wait_deliveries(&app, "siem", "the old events failed and the new one delivered", |items| {
+        items.len() == 11 && items.iter().filter(|d| d["state"] == "failed").count() == 10
+    })
+    .await;
+    for d in &items {
+        if d["state"] == "failed" {
+            assert_eq!(d["last_error"], "the webhook was deleted", "{d}");
+        } else {
+            assert_eq!(d["state"], "delivered", "{d}");
+        }
+    }
+}
