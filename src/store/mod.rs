@@ -898,7 +898,6 @@ pub trait Store: Send + Sync + 'static {
     /// Callers repeat while a full `limit` comes back, so a large backlog never holds
     /// the writer long. Used for the give-up rule (events overdue by more than their
     /// whole retry schedule while the receiver fails) and for a deleted webhook.
-    #[allow(clippy::too_many_arguments)]
     async fn fail_pending_deliveries(
         &self,
         webhook_id: &str,

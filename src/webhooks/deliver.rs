@@ -417,9 +417,8 @@ impl Deliverer {
                     Duration::from_secs(self.settings.max_backoff_s).min(MAX_COOL_DOWN),
                 );
                 h.cool_until = h.cool_until.max(Some(now + pause));
-                h.last_failure = Some((status, error.clone()));
                 let next_probe = time::OffsetDateTime::now_utc() + h.cool_until.map_or(pause, |t| t - now);
-                self.webhooks.set_failing(hook, Some(super::Failing { error, next_probe }));
+                self.webhooks.set_failing(hook, Some(super::Failing { status, error, next_probe }));
                 if starts {
                     started = Some(hook.to_owned());
                 }
@@ -509,10 +508,10 @@ impl Deliverer {
         let now = Instant::now();
         let set = self.webhooks.current();
         for (id, h) in health.iter_mut() {
-            let Some((status, error)) = h.last_failure.as_ref().filter(|_| h.failures > 0) else { continue };
-            if h.next_give_up.is_some_and(|t| t > now) || give_ups.contains_key(id) {
+            if h.failures == 0 || h.next_give_up.is_some_and(|t| t > now) || give_ups.contains_key(id) {
                 continue;
             }
+            let Some(super::Failing { status, error, .. }) = self.webhooks.failing(id) else { continue };
             let Some(hook) = set.hooks.get(id) else { continue };
             h.next_give_up = Some(now + GIVE_UP_EVERY);
             let schedule = (1..hook.max_attempts).fold(Duration::ZERO, |total, attempt| {
@@ -527,7 +526,7 @@ impl Deliverer {
             let wall = time::OffsetDateTime::now_utc();
             let (now_us, due_before_us) = (unix_micros(wall), unix_micros(wall - schedule));
             let expired = format!("gave up: the receiver kept failing for longer than the retry schedule ({error})");
-            let (store, status, hook_id) = (self.store.clone(), *status, id.clone());
+            let (store, hook_id) = (self.store.clone(), id.clone());
             let failed = self.metrics.deliveries.with_label_values(&[id, "failed"]);
             let task = tokio::spawn(async move {
                 match fail_pending_in_chunks(&*store, &hook_id, now_us, due_before_us, status, &expired).await {
@@ -750,8 +749,6 @@ struct Health {
     cool_until: Option<Instant>,
     /// The webhook's version its failures were seen with (0: not looked at yet).
     version: i64,
-    /// The last failure's status and error.
-    last_failure: Option<(Option<u16>, String)>,
     /// No give-up pass before this.
     next_give_up: Option<Instant>,
 }

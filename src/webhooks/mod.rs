@@ -477,6 +477,8 @@ pub struct Webhooks {
 /// A receiver the delivery loop sees failing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Failing {
+    /// The last failure's HTTP status, when it got an answer.
+    pub status: Option<u16>,
     /// The last failure (`HTTP 503`, `connection refused`, …).
     pub error: String,
     /// When the next probe may go.
